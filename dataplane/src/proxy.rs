@@ -430,28 +430,44 @@ async fn forward(
 
     // Validate the first chunk-size line before anything goes upstream, so a request with a
     // malformed chunked body never reaches the app. (Not with 100-continue: the client waits.)
+    // Body bytes already buffered ride in the same write as the head.
     let mut decoder = ChunkedDecoder::new();
     let mut pending = Vec::new();
-    if head.body == BodyKind::Chunked && !head.expect_continue {
-        while !down.buffered().contains(&b'\n') && down.buffered().len() < 4096 {
-            deadline(l.header_read_timeout, down.fill(l.buffer_bytes))
-                .await
-                .map_err(|_| ProxyError::DownstreamGone)?;
+    let mut body_left = 0u64;
+    match head.body {
+        BodyKind::Chunked if !head.expect_continue => {
+            while !down.buffered().contains(&b'\n') && down.buffered().len() < 4096 {
+                deadline(l.header_read_timeout, down.fill(l.buffer_bytes))
+                    .await
+                    .map_err(|_| ProxyError::DownstreamGone)?;
+            }
+            let used = decoder
+                .decode(down.buffered(), &mut pending)
+                .map_err(ProxyError::BadBody)?;
+            ctx.counters.add_in(used as u64);
+            down.consume(used);
+            state.body_done = decoder.is_done();
         }
-        let used = decoder
-            .decode(down.buffered(), &mut pending)
-            .map_err(ProxyError::BadBody)?;
-        ctx.counters.add_in(used as u64);
-        down.consume(used);
-        state.body_done = decoder.is_done();
+        BodyKind::Length(n) => {
+            let take = if head.expect_continue {
+                0
+            } else {
+                (down.buffered().len() as u64).min(n) as usize
+            };
+            pending.extend_from_slice(&down.buffered()[..take]);
+            ctx.counters.add_in(take as u64);
+            down.consume(take);
+            body_left = n - take as u64;
+            state.body_done = body_left == 0;
+        }
+        _ => {}
     }
 
     let mut out = upstream_head(core, head, peer);
     out.extend_from_slice(&pending);
     // a reused connection may have been closed by the upstream while idle: one retry on a fresh
     // connection is safe while no part of a streamed body has been sent
-    let retry_safe =
-        head.body == BodyKind::None || (head.body == BodyKind::Chunked && state.body_done);
+    let retry_safe = state.body_done;
     let mut attempt = 0;
     let (mut up, resp) = loop {
         attempt += 1;
@@ -472,14 +488,16 @@ async fn forward(
             }
             return Err(ProxyError::UpstreamReset);
         }
-        if head.body != BodyKind::None && !state.body_done {
+        if !state.body_done {
             if head.expect_continue {
                 down.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
                     .await
                     .map_err(|_| ProxyError::DownstreamGone)?;
             }
             let sent = match head.body {
-                BodyKind::Length(n) => copy_length(down, &mut up.io, n, l.request_timeout).await,
+                BodyKind::Length(_) => {
+                    copy_length(down, &mut up.io, body_left, l.request_timeout).await
+                }
                 _ => copy_chunked(down, &mut up.io, &mut decoder, l.request_timeout).await,
             };
             match sent {
@@ -499,7 +517,30 @@ async fn forward(
     };
 
     let close = !head.keep_alive || resp.body == BodyKind::UntilClose || core.drain.is_fired();
-    let out = downstream_head(&resp, close, head.minor_version == 0 && head.keep_alive);
+    let mut out = downstream_head(&resp, close, head.minor_version == 0 && head.keep_alive);
+    // whatever of the body is already buffered goes out with the head, in one write
+    let mut resp_decoder = ChunkedDecoder::new();
+    let mut resp_left = 0u64;
+    match resp.body {
+        BodyKind::None => {}
+        BodyKind::Length(n) => {
+            let take = (up.buffered().len() as u64).min(n) as usize;
+            out.extend_from_slice(&up.buffered()[..take]);
+            up.consume(take);
+            resp_left = n - take as u64;
+        }
+        BodyKind::Chunked => {
+            let used = resp_decoder
+                .decode(up.buffered(), &mut out)
+                .map_err(|_| ProxyError::UpstreamProtocol)?;
+            up.consume(used);
+        }
+        BodyKind::UntilClose => {
+            out.extend_from_slice(up.buffered());
+            let n = up.buffered().len();
+            up.consume(n);
+        }
+    }
     state.response_started = true;
     ctx.counters.response(resp.status);
     ctx.counters.add_out(out.len() as u64);
@@ -508,15 +549,11 @@ async fn forward(
         .map_err(|_| ProxyError::DownstreamGone)?;
     let copied = match resp.body {
         BodyKind::None => Ok(0),
-        BodyKind::Length(n) => copy_length(&mut up, &mut down.io, n, l.request_timeout).await,
+        BodyKind::Length(_) => {
+            copy_length(&mut up, &mut down.io, resp_left, l.request_timeout).await
+        }
         BodyKind::Chunked => {
-            copy_chunked(
-                &mut up,
-                &mut down.io,
-                &mut ChunkedDecoder::new(),
-                l.request_timeout,
-            )
-            .await
+            copy_chunked(&mut up, &mut down.io, &mut resp_decoder, l.request_timeout).await
         }
         BodyKind::UntilClose => copy_until_close(&mut up, &mut down.io, l.request_timeout).await,
     };
