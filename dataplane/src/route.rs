@@ -37,7 +37,7 @@ impl<T: Clone> RouteTable<T> {
                 }
             }
         }
-        suffix.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        suffix.sort_by_key(|s| std::cmp::Reverse(s.0.len()));
         RouteTable { exact, suffix, any }
     }
 
