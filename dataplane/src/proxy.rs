@@ -116,6 +116,12 @@ pub async fn serve(core: &Rc<Core>, ctx: &Rc<ListenerCtx>, stream: TcpStream) {
     let mut down = BufConn::new(stream, core.tables().limits.buffer_bytes);
     let mut first = true;
     loop {
+        if !first && down.buffered().is_empty() {
+            // Let the other connections of this core run before reading the next request: under
+            // load the client's next request has usually arrived by then, so the read needs no
+            // readiness poll (an io_uring op and a completion).
+            futures_lite::future::yield_now().await;
+        }
         let tables = core.tables();
         let head = match read_head(core, &tables, &mut down, first).await {
             HeadRead::Head(h) => h,
@@ -508,6 +514,8 @@ async fn forward(
             }
             state.body_done = true;
         }
+        // as above: give the upstream a moment while other connections run
+        futures_lite::future::yield_now().await;
         let remaining = l.request_timeout.saturating_sub(started.elapsed());
         match read_response_head(&mut up, remaining, head.is_head()).await {
             Ok(resp) => break (up, resp),

@@ -272,15 +272,10 @@ impl<S: AsRawFd> NonBufferedStream<S> {
                 self.source_rx.take();
                 self.read_timeout.cancel_timer(reactor);
                 let result = poll_err!(result);
-                // Start an early poll if the buffer is not fully filled. So when
-                // the next time `poll_read` is called, it will be known immediately
-                // whether the underlying stream is ready for reading.
-                if result > 0 && result < buf.len() {
-                    self.source_rx = Some(reactor.poll_read_ready(self.stream.as_raw_fd()));
-                    // The `rush_dispatch`s here and after could be removed to
-                    // improve performance if #458 is handled appropriately.
-                    // reactor.rush_dispatch(self.source_rx.as_ref().unwrap());
-                }
+                // weft: no early poll after a short read. A request/response peer is rarely
+                // ready again at once; arming a oneshot poll here costs an io_uring op (and its
+                // cancellation) per read, while trying recv first when the caller comes back
+                // often finds the data already there.
                 return Poll::Ready(Ok(result));
             }
         }
