@@ -60,9 +60,12 @@ enum Cmd {
     Origin {
         #[arg(long, default_value = "127.0.0.1:18080")]
         listen: SocketAddr,
-        /// Response body size, bytes.
+        /// Response body size, bytes (a run of `x`).
         #[arg(long, default_value_t = 64)]
         body_bytes: usize,
+        /// Response body text instead of `--body-bytes` of `x`.
+        #[arg(long)]
+        body: Option<String>,
         /// Runtime worker threads.
         #[arg(long, default_value_t = 1)]
         threads: usize,

@@ -514,8 +514,6 @@ async fn forward(
             }
             state.body_done = true;
         }
-        // as above: give the upstream a moment while other connections run
-        futures_lite::future::yield_now().await;
         let remaining = l.request_timeout.saturating_sub(started.elapsed());
         match read_response_head(&mut up, remaining, head.is_head()).await {
             Ok(resp) => break (up, resp),

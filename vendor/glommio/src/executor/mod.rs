@@ -47,7 +47,7 @@ use latch::{Latch, LatchState};
 use log::warn;
 pub use placement::{CpuSet, Placement, PoolPlacement};
 use std::{
-    cell::RefCell,
+    cell::{Cell, RefCell},
     collections::{hash_map::Entry, BinaryHeap},
     fmt,
     future::Future,
@@ -1116,7 +1116,15 @@ pub struct LocalExecutor {
     id: usize,
     reactor: Rc<reactor::Reactor>,
     stall_detector: RefCell<Option<StallDetector>>,
+    // weft: set when a task queue ran TASK_BUDGET tasks without going back to the reactor
+    budget_spent: Cell<bool>,
 }
+
+/// weft: the most tasks run between two polls of io_uring. With IORING_SETUP_COOP_TASKRUN the
+/// preempt timer's completion is only posted when the thread enters io_uring, so a queue that
+/// always has ready tasks would otherwise never be preempted and tasks waiting on a completion
+/// would starve (seen as 100 ms tail latency).
+const TASK_BUDGET: u64 = 256;
 
 impl LocalExecutor {
     fn get_reactor(&self) -> Rc<Reactor> {
@@ -1177,6 +1185,7 @@ impl LocalExecutor {
                     .map(|x| StallDetector::new(id, x))
                     .transpose()?,
             ),
+            budget_spent: Cell::new(false),
         })
     }
 
@@ -1332,6 +1341,9 @@ impl LocalExecutor {
             } else {
                 ran = true;
             }
+            if self.budget_spent.replace(false) {
+                return ran;
+            }
         }
         ran
     }
@@ -1374,6 +1386,10 @@ impl LocalExecutor {
             loop {
                 let mut queue_ref = queue.borrow_mut();
                 if self.need_preempt() || queue_ref.yielded() {
+                    break;
+                }
+                if tasks_executed_this_loop >= TASK_BUDGET {
+                    self.budget_spent.set(true);
                     break;
                 }
 
