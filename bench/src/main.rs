@@ -94,8 +94,11 @@ fn main() -> anyhow::Result<()> {
                 ..
             } => load(&url, connections, duration, warmup, host, json, &label).await,
             Cmd::Origin {
-                listen, body_bytes, ..
-            } => origin(listen, body_bytes).await,
+                listen,
+                body_bytes,
+                body,
+                ..
+            } => origin(listen, body.unwrap_or_else(|| "x".repeat(body_bytes))).await,
         }
     })
 }
@@ -291,11 +294,11 @@ async fn exchange(s: &mut TcpStream, request: &[u8], buf: &mut [u8]) -> anyhow::
     }
 }
 
-async fn origin(listen: SocketAddr, body_bytes: usize) -> anyhow::Result<()> {
+async fn origin(listen: SocketAddr, body: String) -> anyhow::Result<()> {
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("bind {listen}"))?;
-    let body = "x".repeat(body_bytes);
+    let body_bytes = body.len();
     let response = Arc::new(
         format!("HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {body_bytes}\r\n\r\n{body}").into_bytes(),
     );

@@ -73,36 +73,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The SPIFFE ID in a leaf certificate: exactly one URI SAN.
-pub fn spiffe_of(der: &[u8]) -> Result<(SpiffeId, i64), String> {
-    let (_, x) = x509_parser::parse_x509_certificate(der)
-        .map_err(|e| format!("unparseable certificate: {e}"))?;
-    let uris: Vec<String> = x
-        .subject_alternative_name()
-        .ok()
-        .flatten()
-        .map(|san| {
-            san.value
-                .general_names
-                .iter()
-                .filter_map(|n| match n {
-                    x509_parser::extensions::GeneralName::URI(u) => Some((*u).to_string()),
-                    _ => None,
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    match uris.as_slice() {
-        [one] => Ok((
-            one.parse().map_err(|e| format!("{e}"))?,
-            x.validity().not_after.timestamp(),
-        )),
-        _ => Err(format!(
-            "an SVID has exactly one URI SAN, this one has {}",
-            uris.len()
-        )),
-    }
-}
+pub use weft_api::identity::spiffe_of;
 
 fn peer_identity<T>(req: &Request<T>) -> Result<Option<(SpiffeId, i64)>, Status> {
     match req.peer_certs() {

@@ -78,9 +78,19 @@ async fn handle(mut stream: TcpStream, state: Rc<RefCell<AgentState>>) -> std::i
                 &mut stream,
                 200,
                 "text/plain",
-                "weft-proxy admin: /ready /metrics /config_dump\n",
+                "weft-proxy admin: /ready /metrics /config_dump /certs\n",
             )
             .await
+        }
+        "/certs" => {
+            let body = state.borrow().certs();
+            match body {
+                Some(b) => respond(&mut stream, 200, "application/json", &b).await,
+                None => {
+                    let why = "no workload certificate (static mode, or not issued yet)\n";
+                    respond(&mut stream, 404, "text/plain", why).await
+                }
+            }
         }
         _ => respond(&mut stream, 404, "text/plain", "not found\n").await,
     }

@@ -15,18 +15,38 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
 use crate::config;
+use crate::control::{self, Applied, Certified, ControlOptions};
 use crate::core::{CoreEvent, CoreMsg};
-use crate::snapshot::Snapshot;
+use crate::mesh::{self, Sidecar};
+use crate::snapshot::{Limits, Snapshot};
 
 /// How long the agent waits for every core to apply the first snapshot.
 const FIRST_APPLY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a metrics scrape waits for a core's report.
 const STATS_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Where configuration comes from.
+pub enum Source {
+    /// A static file, re-read on SIGHUP.
+    File(PathBuf),
+    /// The control plane's snapshot stream.
+    Control {
+        control: ControlOptions,
+        sidecar: Sidecar,
+    },
+}
+
 pub struct AgentOptions {
-    pub config: PathBuf,
+    pub source: Source,
     pub admin: SocketAddr,
     pub drain: Duration,
+}
+
+/// A snapshot distributed to the cores whose outcome the control plane is waiting for.
+struct PendingAck {
+    version: u64,
+    waiting: usize,
+    error: Option<String>,
 }
 
 /// The agent's view of the cores, shared with the admin handlers (same thread).
@@ -39,12 +59,22 @@ pub struct AgentState {
     pub reloads_ok: u64,
     pub reloads_failed: u64,
     pub last_error: Option<String>,
+    /// False until every core has applied a first snapshot (control-plane mode starts empty).
+    pub configured: bool,
+    /// The workload certificate (control-plane mode).
+    pub cert: Rc<RefCell<Option<Rc<Certified>>>>,
 }
 
 impl AgentState {
     pub fn readiness(&self) -> (bool, String) {
         if self.draining {
             return (false, "draining".into());
+        }
+        if !self.configured {
+            return (
+                false,
+                "not ready: waiting for the first snapshot from the control plane".into(),
+            );
         }
         let behind = self
             .applied
@@ -88,6 +118,13 @@ impl AgentState {
         serde_json::to_string_pretty(&dump).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
     }
 
+    /// `/certs`: the workload certificate and trust bundle, as JSON.
+    pub fn certs(&self) -> Option<String> {
+        let cert = self.cert.borrow();
+        cert.as_ref()
+            .map(|c| serde_json::to_string_pretty(&c.view()).unwrap_or_default())
+    }
+
     fn broadcast(&self, msg: impl Fn() -> CoreMsg) {
         for tx in &self.cores {
             let _ = tx.send(msg());
@@ -118,6 +155,14 @@ pub async fn gather_metrics(state: &Rc<RefCell<AgentState>>) -> String {
          weft_snapshot_version {}\n",
         s.reloads_ok, s.reloads_failed, s.current.version
     );
+    let mut extra = extra;
+    if let Some(c) = s.cert.borrow().as_ref() {
+        extra.push_str(&format!(
+            "# HELP weft_cert_expiry_timestamp_seconds When the workload certificate expires (Unix time).\n\
+             # TYPE weft_cert_expiry_timestamp_seconds gauge\nweft_cert_expiry_timestamp_seconds {}\n",
+            c.not_after
+        ));
+    }
     crate::metrics::render(&reports, &extra)
 }
 
@@ -125,7 +170,7 @@ pub async fn gather_metrics(state: &Rc<RefCell<AgentState>>) -> String {
 /// (admin bind, first snapshot rejected by a core).
 pub fn run(
     opts: AgentOptions,
-    first: Snapshot,
+    first: Option<Snapshot>,
     cores: Vec<Sender<CoreMsg>>,
     events: mpsc::UnboundedReceiver<CoreEvent>,
 ) -> anyhow::Result<()> {
@@ -138,12 +183,21 @@ pub fn run(
 
 async fn agent(
     opts: AgentOptions,
-    first: Snapshot,
+    first: Option<Snapshot>,
     cores: Vec<Sender<CoreMsg>>,
     mut events: mpsc::UnboundedReceiver<CoreEvent>,
 ) -> anyhow::Result<()> {
     let n = cores.len();
-    let first = Arc::new(first);
+    let configured = first.is_some();
+    let first = Arc::new(first.unwrap_or_else(|| Snapshot {
+        version: 0,
+        source: "none yet".into(),
+        listeners: Vec::new(),
+        clusters: Default::default(),
+        limits: Limits::default(),
+        workload: None,
+    }));
+    let cert = Rc::new(RefCell::new(None));
     let state = Rc::new(RefCell::new(AgentState {
         current: first.clone(),
         applied: vec![0; n],
@@ -152,40 +206,74 @@ async fn agent(
         reloads_ok: 0,
         reloads_failed: 0,
         last_error: None,
+        configured: false,
+        cert: cert.clone(),
     }));
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
 
-    // first snapshot: every core must bind and apply it before we call ourselves started
-    state.borrow().broadcast(|| CoreMsg::Apply(first.clone()));
-    let mut pending = n;
-    let deadline = tokio::time::sleep(FIRST_APPLY_TIMEOUT);
-    tokio::pin!(deadline);
-    while pending > 0 {
-        tokio::select! {
-            ev = events.recv() => match ev {
-                Some(CoreEvent::Applied { core, version, error: None }) => {
-                    state.borrow_mut().applied[core] = version;
-                    pending -= 1;
-                }
-                Some(CoreEvent::Applied { error: Some(e), .. }) => anyhow::bail!("{e}"),
-                Some(CoreEvent::Drained { .. }) | None => anyhow::bail!("a core stopped during start-up"),
-            },
-            _ = &mut deadline => anyhow::bail!("cores did not apply the first snapshot within {FIRST_APPLY_TIMEOUT:?}"),
+    if configured {
+        // static file: every core must bind and apply it before we call ourselves started
+        state.borrow().broadcast(|| CoreMsg::Apply(first.clone()));
+        let mut pending = n;
+        let deadline = tokio::time::sleep(FIRST_APPLY_TIMEOUT);
+        tokio::pin!(deadline);
+        while pending > 0 {
+            tokio::select! {
+                ev = events.recv() => match ev {
+                    Some(CoreEvent::Applied { core, version, error: None }) => {
+                        state.borrow_mut().applied[core] = version;
+                        pending -= 1;
+                    }
+                    Some(CoreEvent::Applied { error: Some(e), .. }) => anyhow::bail!("{e}"),
+                    Some(CoreEvent::Drained { .. }) | None => anyhow::bail!("a core stopped during start-up"),
+                },
+                _ = &mut deadline => anyhow::bail!("cores did not apply the first snapshot within {FIRST_APPLY_TIMEOUT:?}"),
+            }
         }
+        state.borrow_mut().configured = true;
     }
     let admin = tokio::net::TcpListener::bind(opts.admin)
         .await
         .map_err(|e| anyhow::anyhow!("admin: cannot bind {}: {e}", opts.admin))?;
     tokio::task::spawn_local(crate::admin::serve(admin, state.clone()));
+
+    // control-plane mode: snapshots arrive from the control task, ACK/NACKs go back to it
+    let (updates_tx, mut updates_rx) = mpsc::unbounded_channel::<weft_api::proto::Snapshot>();
+    let (applied_tx, applied_rx) = mpsc::unbounded_channel::<Applied>();
+    let (config_path, sidecar) = match &opts.source {
+        Source::File(p) => (Some(p.clone()), None),
+        Source::Control {
+            control: c,
+            sidecar,
+        } => {
+            tokio::task::spawn_local(control::run(
+                c.clone(),
+                updates_tx,
+                applied_rx,
+                cert,
+                n as u32,
+            ));
+            info!(control = %c.address, "waiting for the control plane");
+            (
+                None,
+                Some((sidecar.clone(), format!("control:{}", c.address))),
+            )
+        }
+    };
     info!(cores = n, version = first.version, admin = %opts.admin, "weft-proxy serving");
 
     let mut next_version = first.version + 1;
+    let mut pending: Option<PendingAck> = None;
     loop {
         tokio::select! {
             _ = hup.recv() => {
-                match config::load_file(&opts.config, next_version) {
+                let Some(path) = &config_path else {
+                    info!("SIGHUP ignored: configuration comes from the control plane");
+                    continue;
+                };
+                match config::load_file(path, next_version) {
                     Ok(snap) => {
                         let snap = Arc::new(snap);
                         info!(version = snap.version, "configuration reloaded; distributing");
@@ -204,11 +292,52 @@ async fn agent(
                     }
                 }
             }
+            Some(update) = updates_rx.recv() => {
+                let Some((sidecar, source)) = &sidecar else { continue };
+                let version = update.version;
+                match mesh::from_control(&update, sidecar, source) {
+                    Ok(snap) => {
+                        let snap = Arc::new(snap);
+                        info!(version, "snapshot from the control plane; distributing");
+                        let mut s = state.borrow_mut();
+                        s.current = snap.clone();
+                        s.broadcast(|| CoreMsg::Apply(snap.clone()));
+                        pending = Some(PendingAck { version, waiting: n, error: None });
+                    }
+                    Err(reason) => {
+                        warn!(version, "snapshot rejected: {reason}");
+                        state.borrow_mut().last_error = Some(reason.clone());
+                        let _ = applied_tx.send(Applied::Nack(version, reason));
+                    }
+                }
+            }
             ev = events.recv() => match ev {
-                Some(CoreEvent::Applied { core, version, error: None }) => state.borrow_mut().applied[core] = version,
-                Some(CoreEvent::Applied { core, version, error: Some(e) }) => {
-                    warn!(core, version, "core rejected snapshot: {e}");
-                    state.borrow_mut().last_error = Some(e);
+                Some(CoreEvent::Applied { core, version, error }) => {
+                    let mut s = state.borrow_mut();
+                    match &error {
+                        None => s.applied[core] = version,
+                        Some(e) => {
+                            warn!(core, version, "core rejected snapshot: {e}");
+                            s.last_error = Some(e.clone());
+                        }
+                    }
+                    if s.applied.iter().all(|v| *v == s.current.version) && s.current.version > 0 {
+                        s.configured = true;
+                    }
+                    if let Some(p) = pending.as_mut().filter(|p| p.version == version) {
+                        p.waiting -= 1;
+                        if p.error.is_none() {
+                            p.error = error;
+                        }
+                        if p.waiting == 0 {
+                            let msg = match p.error.take() {
+                                None => Applied::Ack(version),
+                                Some(e) => Applied::Nack(version, e),
+                            };
+                            let _ = applied_tx.send(msg);
+                            pending = None;
+                        }
+                    }
                 }
                 Some(CoreEvent::Drained { .. }) => {}
                 None => anyhow::bail!("all cores stopped"),

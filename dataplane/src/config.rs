@@ -114,10 +114,10 @@ pub struct RawLimits {
 }
 
 /// Default upstream connect timeout (Envoy uses 5 s as well).
-const DEFAULT_CONNECT_TIMEOUT: &str = "5s";
-const DEFAULT_MAX_CONNECTIONS: usize = 1024;
-const DEFAULT_MAX_IDLE: usize = 64;
-const DEFAULT_UPSTREAM_IDLE: &str = "30s";
+pub const DEFAULT_CONNECT_TIMEOUT: &str = "5s";
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+pub const DEFAULT_MAX_IDLE: usize = 64;
+pub const DEFAULT_UPSTREAM_IDLE: &str = "30s";
 
 /// Reads and validates a static configuration file.
 pub fn load_file(path: &Path, version: u64) -> Result<Snapshot, ConfigError> {
@@ -208,6 +208,7 @@ fn validate(file: &str, raw: RawConfig, version: u64) -> Result<Snapshot, Config
         let cluster = Cluster {
             name: c.name.clone(),
             endpoints,
+            identities: Vec::new(),
             connect_timeout: cx.duration(
                 at("connect_timeout"),
                 &c.connect_timeout,
@@ -318,6 +319,7 @@ fn validate(file: &str, raw: RawConfig, version: u64) -> Result<Snapshot, Config
         listeners,
         clusters,
         limits,
+        workload: None,
     })
 }
 

@@ -8,16 +8,20 @@
 //! Domain logic (`config`, `snapshot`, `route`, `lb`, `http`, `metrics`) has no runtime types;
 //! the runtime glue is `core`, `io`, `proxy`, `tcp`, `pool`, `drain`, `agent` and `admin`.
 //!
-//! What it is not (yet): TLS, authorization and the control-plane stream arrive in later issues.
+//! In control-plane mode the agent also runs the control client (`control`): join-token
+//! bootstrap, SVID renewal and the snapshot stream; `mesh` turns those snapshots into listeners
+//! and clusters. What it is not (yet): mTLS on the data path and authorization (next issue).
 
 pub mod admin;
 pub mod agent;
 pub mod config;
+pub mod control;
 pub mod core;
 pub mod drain;
 pub mod http;
 pub mod io;
 pub mod lb;
+pub mod mesh;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;

@@ -8,9 +8,11 @@ use std::time::Duration;
 use clap::Parser;
 use glommio::{LocalExecutorBuilder, Placement};
 use tokio::sync::mpsc;
-use weft_dataplane::agent::{self, AgentOptions};
+use weft_dataplane::agent::{self, AgentOptions, Source};
 use weft_dataplane::config;
+use weft_dataplane::control::ControlOptions;
 use weft_dataplane::core::{self as wcore, CoreMsg};
+use weft_dataplane::mesh::Sidecar;
 use weft_dataplane::sys::{self, HostError};
 
 /// weft-proxy: the thread-per-core weft data plane (sidecar and edge gateway).
@@ -18,8 +20,28 @@ use weft_dataplane::sys::{self, HostError};
 #[command(name = "weft-proxy", version, about)]
 struct Args {
     /// Static configuration file (YAML: listeners, clusters, routes, limits). Re-read on SIGHUP.
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "control",
+        conflicts_with = "control"
+    )]
+    config: Option<PathBuf>,
+    /// Control plane gRPC address; configuration and certificates come from it.
+    #[arg(long, value_name = "ADDR", requires_all = ["token_file", "inbound", "outbound", "app"])]
+    control: Option<SocketAddr>,
+    /// Join token file (from `weft-control token NS/WORKLOAD`), for the first certificate.
     #[arg(long, value_name = "FILE")]
-    config: PathBuf,
+    token_file: Option<PathBuf>,
+    /// Sidecar inbound listener: the workload's address in the mesh (its WorkloadEntry port).
+    #[arg(long, value_name = "ADDR")]
+    inbound: Option<SocketAddr>,
+    /// Sidecar outbound listener: the app calls services through it (Host names the service).
+    #[arg(long, value_name = "ADDR")]
+    outbound: Option<SocketAddr>,
+    /// The app this sidecar fronts; inbound requests go there.
+    #[arg(long, value_name = "ADDR")]
+    app: Option<SocketAddr>,
     /// Number of cores (pinned executors) to run; default: every online CPU.
     #[arg(long, value_name = "N", conflicts_with = "cpus")]
     cores: Option<usize>,
@@ -83,7 +105,43 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     let cpus = choose_cpus(&args)?;
     sys::preflight()?;
-    let first = config::load_file(&args.config, 1)?;
+    let (source, first) = match (&args.config, args.control) {
+        (Some(path), _) => (
+            Source::File(path.clone()),
+            Some(config::load_file(path, 1)?),
+        ),
+        (None, Some(address)) => {
+            let need = |v: Option<SocketAddr>, flag: &str| {
+                v.ok_or_else(|| anyhow::anyhow!("--control needs {flag}"))
+            };
+            let sidecar = Sidecar {
+                inbound: need(args.inbound, "--inbound")?,
+                outbound: need(args.outbound, "--outbound")?,
+                app: need(args.app, "--app")?,
+            };
+            let token_file = args
+                .token_file
+                .clone()
+                .ok_or_else(|| anyhow::anyhow!("--control needs --token-file"))?;
+            weft_api::JoinToken::parse_unverified(
+                std::fs::read_to_string(&token_file)
+                    .map_err(|e| anyhow::anyhow!("--token-file {}: {e}", token_file.display()))?
+                    .trim(),
+            )
+            .map_err(|e| anyhow::anyhow!("--token-file {}: {e}", token_file.display()))?;
+            (
+                Source::Control {
+                    control: ControlOptions {
+                        address,
+                        token_file,
+                    },
+                    sidecar,
+                },
+                None,
+            )
+        }
+        (None, None) => anyhow::bail!("either --config FILE or --control ADDR is required"),
+    };
 
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let (started_tx, started_rx) = std::sync::mpsc::channel();
@@ -132,7 +190,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     let opts = AgentOptions {
-        config: args.config,
+        source,
         admin: args.admin,
         drain: Duration::from_secs_f64(args.drain_seconds),
     };

@@ -20,6 +20,9 @@ pub struct Snapshot {
     pub listeners: Vec<Listener>,
     pub clusters: BTreeMap<String, Cluster>,
     pub limits: Limits,
+    /// The workload this sidecar serves (`namespace/name`), in control-plane mode.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -83,6 +86,9 @@ pub struct Cluster {
     pub max_idle_per_endpoint: usize,
     #[serde(serialize_with = "ser_duration")]
     pub idle_timeout: Duration,
+    /// SPIFFE IDs allowed to serve this cluster (secure naming), from the control plane.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub identities: Vec<String>,
 }
 
 /// Safety limits and timeouts, on by default (see tuning/limits.md).

@@ -138,6 +138,38 @@ impl fmt::Display for WorkloadRef {
     }
 }
 
+/// The SPIFFE ID of an X.509-SVID (exactly one URI SAN) and its notAfter (Unix seconds).
+/// Parsing only: chain and signature checks belong to the TLS verifier.
+pub fn spiffe_of(der: &[u8]) -> Result<(SpiffeId, i64), String> {
+    let (_, x) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| format!("unparseable certificate: {e}"))?;
+    let uris: Vec<String> = x
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    x509_parser::extensions::GeneralName::URI(u) => Some((*u).to_string()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    match uris.as_slice() {
+        [one] => Ok((
+            one.parse().map_err(|e| format!("{e}"))?,
+            x.validity().not_after.timestamp(),
+        )),
+        _ => Err(format!(
+            "an SVID has exactly one URI SAN, this one has {}",
+            uris.len()
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

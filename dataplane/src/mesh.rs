@@ -1,0 +1,191 @@
+//! Control-plane snapshots → the proxy's `Snapshot`: the sidecar's listeners and clusters.
+//!
+//! A sidecar has two listeners: `inbound` (the workload's address in the mesh, forwarding to the
+//! app) and `outbound` (the app calls it and names the service in `Host`). Each service port
+//! becomes a cluster `outbound|PORT|HOST` whose endpoints are the sidecars of the workloads that
+//! back it, with the identities allowed to serve it. Plain Rust: unit-tested directly.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use weft_api::proto;
+
+use crate::config::{
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_IDLE, DEFAULT_UPSTREAM_IDLE,
+};
+use crate::snapshot::{
+    parse_duration, Cluster, HostMatch, Limits, Listener, ListenerKind, PathMatch, Route, Snapshot,
+};
+
+/// Where this sidecar listens and where its app is.
+#[derive(Debug, Clone)]
+pub struct Sidecar {
+    pub inbound: SocketAddr,
+    pub outbound: SocketAddr,
+    pub app: SocketAddr,
+}
+
+/// Protocols the data plane proxies today. Others are valid Istio, so the control plane accepts
+/// them, and the proxy NACKs the snapshot naming the service and port.
+const SUPPORTED: &[&str] = &["HTTP", "TCP"];
+
+fn cluster(name: String, endpoints: Vec<SocketAddr>, identities: Vec<String>) -> Cluster {
+    let d = |s: &str| parse_duration(s).unwrap_or_default();
+    Cluster {
+        name,
+        endpoints,
+        connect_timeout: d(DEFAULT_CONNECT_TIMEOUT),
+        max_connections: DEFAULT_MAX_CONNECTIONS,
+        max_idle_per_endpoint: DEFAULT_MAX_IDLE,
+        idle_timeout: d(DEFAULT_UPSTREAM_IDLE),
+        identities,
+    }
+}
+
+/// Builds the sidecar's snapshot, or the reason it cannot serve this one (sent as NACK).
+pub fn from_control(
+    snap: &proto::Snapshot,
+    sidecar: &Sidecar,
+    source: &str,
+) -> Result<Snapshot, String> {
+    let workload = snap
+        .workload
+        .as_ref()
+        .ok_or("snapshot without a workload")?;
+    let mut clusters = BTreeMap::new();
+    clusters.insert(
+        "inbound|app".to_string(),
+        cluster("inbound|app".into(), vec![sidecar.app], Vec::new()),
+    );
+    let mut routes = Vec::new();
+    for s in &snap.services {
+        for p in &s.ports {
+            if !SUPPORTED.contains(&p.protocol.as_str()) {
+                return Err(format!(
+                    "service {} port {} ({}): protocol {} is not supported by this proxy (supported: {})",
+                    s.host,
+                    p.number,
+                    p.name,
+                    p.protocol,
+                    SUPPORTED.join(", ")
+                ));
+            }
+            let name = format!("outbound|{}|{}", p.number, s.host);
+            let mut endpoints = Vec::new();
+            let mut identities = Vec::new();
+            for e in s.endpoints.iter().filter(|e| e.port_name == p.name) {
+                let addr: SocketAddr = e.address.parse().map_err(|_| {
+                    format!(
+                        "service {}: endpoint `{}` is not IP:PORT",
+                        s.host, e.address
+                    )
+                })?;
+                endpoints.push(addr);
+                if !identities.contains(&e.spiffe_id) {
+                    identities.push(e.spiffe_id.clone());
+                }
+            }
+            if p.protocol == "HTTP"
+                && !routes
+                    .iter()
+                    .any(|r: &Route| r.hosts.contains(&HostMatch::Exact(s.host.clone())))
+            {
+                routes.push(Route {
+                    hosts: vec![HostMatch::Exact(s.host.to_ascii_lowercase())],
+                    path: PathMatch::Prefix("/".into()),
+                    cluster: name.clone(),
+                });
+            }
+            clusters.insert(name.clone(), cluster(name, endpoints, identities));
+        }
+    }
+    Ok(Snapshot {
+        version: snap.version,
+        source: source.to_string(),
+        listeners: vec![
+            Listener {
+                name: "inbound".into(),
+                address: sidecar.inbound,
+                kind: ListenerKind::Http {
+                    routes: vec![Route {
+                        hosts: vec![HostMatch::Any],
+                        path: PathMatch::Prefix("/".into()),
+                        cluster: "inbound|app".into(),
+                    }],
+                },
+            },
+            Listener {
+                name: "outbound".into(),
+                address: sidecar.outbound,
+                kind: ListenerKind::Http { routes },
+            },
+        ],
+        clusters,
+        limits: Limits::default(),
+        workload: Some(format!("{}/{}", workload.namespace, workload.name)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap(protocol: &str) -> proto::Snapshot {
+        proto::Snapshot {
+            version: 7,
+            workload: Some(proto::Workload {
+                namespace: "prod".into(),
+                name: "order-1".into(),
+                ..Default::default()
+            }),
+            services: vec![proto::Service {
+                host: "checkout.prod.svc.cluster.local".into(),
+                namespace: "prod".into(),
+                name: "checkout".into(),
+                ports: vec![proto::Port {
+                    number: 80,
+                    name: "http".into(),
+                    protocol: protocol.into(),
+                }],
+                endpoints: vec![proto::Endpoint {
+                    address: "127.0.0.1:16101".into(),
+                    port_name: "http".into(),
+                    spiffe_id: "spiffe://cluster.local/ns/prod/sa/checkout".into(),
+                    workload: "prod/checkout-1".into(),
+                }],
+            }],
+            trust_bundle_der: vec![],
+            trust_domain: "cluster.local".into(),
+        }
+    }
+
+    fn sidecar() -> Sidecar {
+        let a = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+        Sidecar {
+            inbound: a(16201),
+            outbound: a(15201),
+            app: a(18201),
+        }
+    }
+
+    #[test]
+    fn builds_inbound_and_outbound() {
+        let s =
+            from_control(&snap("HTTP"), &sidecar(), "control").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(s.version, 7);
+        assert_eq!(s.workload.as_deref(), Some("prod/order-1"));
+        let c = &s.clusters["outbound|80|checkout.prod.svc.cluster.local"];
+        assert_eq!(c.endpoints, vec![SocketAddr::from(([127, 0, 0, 1], 16101))]);
+        assert_eq!(
+            c.identities,
+            vec!["spiffe://cluster.local/ns/prod/sa/checkout".to_string()]
+        );
+        assert_eq!(s.clusters["inbound|app"].endpoints, vec![sidecar().app]);
+    }
+
+    #[test]
+    fn unsupported_protocol_is_a_nack_reason() {
+        let e = from_control(&snap("UDP"), &sidecar(), "control").expect_err("UDP");
+        assert!(e.contains("protocol UDP is not supported"), "{e}");
+    }
+}
