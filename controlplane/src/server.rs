@@ -107,7 +107,7 @@ impl Mesh for MeshService {
         let peer = peer_identity(&req)?;
         let r = req.into_inner();
         let state = self.shared.state.borrow().clone();
-        let (id, workload) = if !r.join_token.is_empty() {
+        let (id, workload, token_id) = if !r.join_token.is_empty() {
             let t = JoinToken::verify(&r.join_token, &self.shared.token_key, now_secs())
                 .map_err(|e| Status::unauthenticated(e.to_string()))?;
             let w = state.workloads.get(&t.workload).ok_or_else(|| {
@@ -116,12 +116,7 @@ impl Mesh for MeshService {
             let id = state
                 .spiffe_id(w)
                 .ok_or_else(|| Status::internal("invalid identity"))?;
-            match ca::consume_token(&self.shared.data_dir, &t.id) {
-                Ok(true) => {}
-                Ok(false) => return Err(Status::permission_denied("join token already used")),
-                Err(e) => return Err(Status::internal(e.to_string())),
-            }
-            (id, t.workload.to_string())
+            (id, t.workload.to_string(), Some(t.id))
         } else {
             let (id, _) = peer.ok_or_else(|| {
                 Status::unauthenticated("a join token or a client SVID (mTLS) is required")
@@ -132,7 +127,7 @@ impl Mesh for MeshService {
                     state.trust_domain
                 )));
             }
-            (id, String::new())
+            (id, String::new(), None)
         };
         let csr = CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(
             r.csr_der,
@@ -149,6 +144,14 @@ impl Mesh for MeshService {
             return Err(Status::permission_denied(format!(
                 "the CSR asks for {asked}, but the credential proves {id}"
             )));
+        }
+        // the token is spent only by a request that would otherwise succeed
+        if let Some(tid) = token_id {
+            match ca::consume_token(&self.shared.data_dir, &tid) {
+                Ok(true) => {}
+                Ok(false) => return Err(Status::permission_denied("join token already used")),
+                Err(e) => return Err(Status::internal(e.to_string())),
+            }
         }
         let ca = self.shared.ca.borrow().clone();
         let leaf = ca

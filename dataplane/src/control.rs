@@ -49,6 +49,8 @@ pub struct Certified {
     pub not_before: i64,
     pub not_after: i64,
     pub serial: String,
+    /// When this process received it (notBefore is backdated for clock skew).
+    pub received: i64,
 }
 
 /// Agent → control task: the outcome of applying a snapshot on every core.
@@ -120,6 +122,7 @@ impl Certified {
             not_before,
             not_after,
             serial,
+            received: now_secs(),
         })
     }
 
@@ -145,10 +148,11 @@ impl Certified {
         }
     }
 
-    /// When to renew: half the lifetime, ±10% jitter.
+    /// When to renew: half the remaining lifetime at receipt, ±10% jitter. (notBefore is
+    /// backdated, so it is not where the lifetime starts.)
     fn renew_at(&self, jitter: f64) -> i64 {
-        let life = (self.not_after - self.not_before).max(2) as f64;
-        self.not_before + (life * (0.5 + 0.1 * (jitter * 2.0 - 1.0))) as i64
+        let life = (self.not_after - self.received).max(2) as f64;
+        self.received + (life * (0.5 + 0.1 * (jitter * 2.0 - 1.0))) as i64
     }
 }
 
@@ -239,7 +243,7 @@ impl ServerCertVerifier for ControlVerifier {
     }
 }
 
-fn client_config(
+pub fn client_config(
     pinned: Option<String>,
     cert: Option<&Certified>,
 ) -> Result<Arc<ClientConfig>, String> {
@@ -267,7 +271,10 @@ fn client_config(
     Ok(Arc::new(cfg))
 }
 
-async fn connect(addr: SocketAddr, tls: Arc<ClientConfig>) -> Result<MeshClient<Channel>, String> {
+pub async fn connect(
+    addr: SocketAddr,
+    tls: Arc<ClientConfig>,
+) -> Result<MeshClient<Channel>, String> {
     let connector = tower::service_fn(move |_: tonic::codegen::http::Uri| {
         let tls = tls.clone();
         async move {
@@ -305,7 +312,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// A fresh key pair and a CSR without names: the identity comes from the credential.
-fn key_and_csr() -> Result<(KeyPair, Vec<u8>), String> {
+pub fn key_and_csr() -> Result<(KeyPair, Vec<u8>), String> {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| e.to_string())?;
     let csr = CertificateParams::default()
         .serialize_request(&key)
@@ -514,6 +521,7 @@ fn update_bundle(cert: &Rc<RefCell<Option<Rc<Certified>>>>, bundle: &[Vec<u8>]) 
                 not_before: c.not_before,
                 not_after: c.not_after,
                 serial: c.serial.clone(),
+                received: c.received,
             }));
         }
     }

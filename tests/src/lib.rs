@@ -604,3 +604,295 @@ pub fn http_config(listen: u16, endpoints: &[SocketAddr], limits: &str) -> Strin
         eps.join(", ")
     )
 }
+
+/// Builds the control plane too (first use).
+pub fn control_bin() -> PathBuf {
+    static CP: Once = Once::new();
+    CP.call_once(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .current_dir(root())
+            .args(["build", "-q", "-p", "weft-controlplane", "--bins"])
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "cargo build of weft-control failed");
+    });
+    bin("weft-control")
+}
+
+/// A running `weft-control serve` with its own manifest folder and data folder.
+pub struct Control {
+    pub child: Option<Child>,
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    pub config_dir: PathBuf,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+    pub dir: TempDir,
+}
+
+impl Control {
+    pub fn start(manifests: &str) -> Control {
+        let dir = TempDir::new("control");
+        let config_dir = dir.0.join("config");
+        let data_dir = dir.0.join("data");
+        std::fs::create_dir_all(&config_dir).unwrap();
+        std::fs::write(config_dir.join("mesh.yaml"), manifests).unwrap();
+        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let log = dir.0.join("control.log");
+        let mut c = Control {
+            child: None,
+            listen,
+            admin,
+            config_dir,
+            data_dir,
+            log,
+            dir,
+        };
+        c.launch();
+        c
+    }
+
+    /// (Re)starts the process on the same ports and folders and waits until it answers.
+    pub fn launch(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(control_bin())
+            .args(["serve", "--config"])
+            .arg(&self.config_dir)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args([
+                "--listen",
+                &self.listen.to_string(),
+                "--admin",
+                &self.admin.to_string(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let admin = self.admin;
+        wait_for(
+            "weft-control /ready",
+            Duration::from_secs(20),
+            || match admin_get(admin, "/ready") {
+                Some((200, _)) => Some(()),
+                _ => None,
+            },
+        );
+        let listen = self.listen;
+        wait_for("weft-control gRPC port", Duration::from_secs(10), || {
+            TcpStream::connect(listen).ok().map(|_| ())
+        });
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new(control_bin())
+            .args(args)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "weft-control {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    pub fn token(&self, workload: &str, ttl: &str) -> String {
+        self.cli(&["token", workload, "--ttl", ttl])
+    }
+
+    /// Writes a token to a file for `--token-file`.
+    pub fn token_file(&self, workload: &str) -> PathBuf {
+        let p = self
+            .dir
+            .0
+            .join(format!("{}.token", workload.replace('/', "_")));
+        std::fs::write(&p, self.token(workload, "1h")).unwrap();
+        p
+    }
+
+    pub fn mint(&self, workload: &str) -> PathBuf {
+        let out = self
+            .dir
+            .0
+            .join(format!("mint-{}", workload.replace('/', "_")));
+        self.cli(&["mint", workload, "--out", out.to_str().unwrap()]);
+        out
+    }
+
+    pub fn rotate(&self) -> String {
+        self.cli(&["ca", "rotate"])
+    }
+
+    pub fn retire(&self, serial: &str) {
+        self.cli(&["ca", "retire", serial]);
+    }
+
+    pub fn write_manifests(&self, text: &str) {
+        let tmp = self.config_dir.join("mesh.yaml.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, self.config_dir.join("mesh.yaml")).unwrap();
+    }
+
+    pub fn json(&self, path: &str) -> serde_json::Value {
+        let (status, body) = admin_get(self.admin, path)
+            .unwrap_or_else(|| panic!("control admin {path} unreachable"));
+        assert_eq!(status, 200, "{path}: {body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    /// `/proxies` entry of one workload.
+    pub fn proxy(&self, workload: &str) -> Option<serde_json::Value> {
+        self.json("/proxies")
+            .as_array()?
+            .iter()
+            .find(|p| p["workload"] == workload)
+            .cloned()
+    }
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One workload of a test mesh: its sidecar's inbound port is in the WorkloadEntry.
+#[derive(Debug, Clone)]
+pub struct Wl {
+    pub name: &'static str,
+    pub sa: &'static str,
+    pub app: &'static str,
+    pub inbound: u16,
+}
+
+/// A mesh with services `checkout` and `order` in `prod`, and the given workloads.
+pub fn mesh_yaml(cert_ttl: &str, workloads: &[Wl], extra: &str) -> String {
+    let mut y = format!(
+        "apiVersion: weft.dev/v1\nkind: MeshConfig\nmetadata: {{name: mesh}}\nspec: {{trustDomain: cluster.local, certTTL: {cert_ttl}}}\n"
+    );
+    for svc in ["checkout", "order"] {
+        y.push_str(&format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {svc}, namespace: prod}}\n\
+             spec:\n  hosts: [{svc}.prod.svc.cluster.local]\n  ports: [{{number: 80, name: http, protocol: HTTP}}]\n  workloadSelector: {{labels: {{app: {svc}}}}}\n"
+        ));
+    }
+    for w in workloads {
+        y.push_str(&format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: {}, namespace: prod}}\n\
+             spec:\n  address: 127.0.0.1\n  ports: {{http: {}}}\n  labels: {{app: {}}}\n  serviceAccount: {}\n",
+            w.name, w.inbound, w.app, w.sa
+        ));
+    }
+    y.push_str(extra);
+    y
+}
+
+/// A sidecar for `workload` in front of `app`, started against `control`; waits for /ready.
+pub struct Sidecar {
+    pub proxy: Proxy,
+    pub outbound: SocketAddr,
+    pub inbound: SocketAddr,
+}
+
+impl Sidecar {
+    pub fn start(
+        control: &Control,
+        workload: &str,
+        inbound: u16,
+        app: SocketAddr,
+        cores: usize,
+    ) -> Sidecar {
+        let token = control.token_file(workload);
+        let outbound: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let inbound: SocketAddr = format!("127.0.0.1:{inbound}").parse().unwrap();
+        let args = [
+            "--control".to_string(),
+            control.listen.to_string(),
+            "--token-file".into(),
+            token.to_str().unwrap().into(),
+            "--inbound".into(),
+            inbound.to_string(),
+            "--outbound".into(),
+            outbound.to_string(),
+            "--app".into(),
+            app.to_string(),
+            "--cores".into(),
+            cores.to_string(),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let p = Proxy::spawn_control(&args);
+        let admin = p.admin;
+        wait_for("sidecar /ready", Duration::from_secs(30), || {
+            if let Some(status) = p.try_exit() {
+                panic!("sidecar exited ({status}):\n{}", p.log_text());
+            }
+            match admin_get(admin, "/ready") {
+                Some((200, _)) => Some(()),
+                _ => None,
+            }
+        });
+        Sidecar {
+            proxy: p,
+            outbound,
+            inbound,
+        }
+    }
+
+    /// GET through the outbound listener to a mesh service.
+    pub fn call(&self, host: &str, path: &str) -> Option<Response> {
+        let mut c = Client::connect(self.outbound);
+        c.send(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes());
+        c.response()
+    }
+
+    pub fn certs(&self) -> serde_json::Value {
+        serde_json::from_str(&self.proxy.get("/certs").1).unwrap()
+    }
+}
+
+impl Proxy {
+    /// Starts weft-proxy in control-plane mode (no config file).
+    pub fn spawn_control(extra: &[&str]) -> Proxy {
+        let dir = TempDir::new("sidecar");
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let log = dir.0.join("proxy.log");
+        let child = Command::new(bin("weft-proxy"))
+            .arg("--admin")
+            .arg(admin.to_string())
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Proxy {
+            child,
+            admin,
+            config: dir.0.join("none"),
+            log,
+            _dir: dir,
+        }
+    }
+}
