@@ -6,6 +6,7 @@
 //! per connection in an hdrhistogram (microseconds) and merged at the end.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,6 +16,8 @@ use clap::{Parser, Subcommand};
 use hdrhistogram::Histogram;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+mod push;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -56,6 +59,24 @@ enum Cmd {
         #[arg(long, default_value = "")]
         label: String,
     },
+    /// Config-push propagation: manifest change → every proxy ACKed (real weft-control and
+    /// weft-proxy processes).
+    Push {
+        #[arg(long, default_value_t = 1000)]
+        services: usize,
+        #[arg(long, default_value_t = 5000)]
+        workloads: usize,
+        #[arg(long, default_value_t = 10)]
+        proxies: usize,
+        #[arg(long, default_value_t = 100)]
+        changes: usize,
+        #[arg(long, default_value = "target/release/weft-control")]
+        control_bin: PathBuf,
+        #[arg(long, default_value = "target/release/weft-proxy")]
+        proxy_bin: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// A fixed-response HTTP/1.1 server to stand as the app.
     Origin {
         #[arg(long, default_value = "127.0.0.1:18080")]
@@ -74,8 +95,29 @@ enum Cmd {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Cmd::Push {
+        services,
+        workloads,
+        proxies,
+        changes,
+        control_bin,
+        proxy_bin,
+        json,
+    } = args.cmd
+    {
+        return push::run(push::PushArgs {
+            services,
+            workloads,
+            proxies,
+            changes,
+            control_bin,
+            proxy_bin,
+            json,
+        });
+    }
     let threads = match &args.cmd {
         Cmd::Load { threads, .. } | Cmd::Origin { threads, .. } => (*threads).max(1),
+        Cmd::Push { .. } => 1,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)
@@ -99,6 +141,7 @@ fn main() -> anyhow::Result<()> {
                 body,
                 ..
             } => origin(listen, body.unwrap_or_else(|| "x".repeat(body_bytes))).await,
+            Cmd::Push { .. } => Ok(()), // handled before the runtime starts
         }
     })
 }

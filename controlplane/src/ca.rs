@@ -84,7 +84,9 @@ pub fn random_bytes<const N: usize>() -> [u8; N] {
 
 fn serial() -> (SerialNumber, String) {
     let mut b = random_bytes::<16>();
-    b[0] &= 0x7f; // positive
+    // positive, and never a leading zero byte: DER drops those, and the serial must read back
+    // exactly as the file name that holds it
+    b[0] = (b[0] & 0x7f) | 0x01;
     (SerialNumber::from_slice(&b), weft_api::hex(&b))
 }
 

@@ -175,6 +175,7 @@ fn serve(
             proxies: Mutex::new(BTreeMap::new()),
             next_id: AtomicU64::new(1),
             last_error: Mutex::new(None),
+            table: Mutex::new(None),
         });
         tokio::spawn(server::watch_loop(shared.clone(), state_tx, ca_tx, tls_tx));
         tokio::spawn({

@@ -35,7 +35,7 @@ struct Meta {
     annotations: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct MeshConfigSpec {
     /// Trust domain of every SPIFFE ID. Default `cluster.local`.
@@ -139,6 +139,9 @@ pub struct MeshState {
     pub cert_ttl: Duration,
     pub services: BTreeMap<(String, String), ServiceSpec>,
     pub workloads: BTreeMap<WorkloadRef, WorkloadSpec>,
+    /// Service → the workloads it selects (computed once per accepted set).
+    #[serde(skip)]
+    pub selected: BTreeMap<(String, String), Vec<WorkloadRef>>,
 }
 
 mod secs {
@@ -160,16 +163,17 @@ impl MeshState {
         .ok()
     }
 
-    /// Workloads a service selects (same namespace, every selector label matches).
+    /// Workloads a service selects (same namespace, every selector label matches), from the
+    /// index built at validation.
     pub fn endpoints_of<'a>(
         &'a self,
         s: &'a ServiceSpec,
     ) -> impl Iterator<Item = &'a WorkloadSpec> + 'a {
-        self.workloads.values().filter(move |w| {
-            w.workload.namespace == s.namespace
-                && !s.selector.is_empty()
-                && s.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v))
-        })
+        self.selected
+            .get(&(s.namespace.clone(), s.name.clone()))
+            .into_iter()
+            .flatten()
+            .filter_map(|w| self.workloads.get(w))
     }
 
     /// May workloads of namespace `ns` call service `s`?
@@ -212,6 +216,49 @@ fn valid_host(s: &str) -> bool {
     !s.is_empty() && s.len() <= 253 && s.split('.').all(valid_dns_label)
 }
 
+/// Parsed files by path, with the (size, mtime) they were parsed at.
+#[derive(Debug, Default)]
+pub struct DirCache {
+    files: BTreeMap<PathBuf, ((u64, u128), ParsedFile)>,
+}
+
+/// Like `load_dir`, re-parsing only files whose size or mtime changed since the last call.
+pub fn load_dir_cached(dir: &Path, cache: &mut DirCache) -> Result<MeshState, Vec<ManifestError>> {
+    let read_err = |f: &Path, e: std::io::Error| {
+        vec![ManifestError {
+            file: f.display().to_string(),
+            resource: "-".into(),
+            field: "-".into(),
+            reason: format!("cannot read: {e}"),
+        }]
+    };
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| read_err(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
+        .collect();
+    paths.sort();
+    cache.files.retain(|p, _| paths.contains(p));
+    for p in &paths {
+        let meta = std::fs::metadata(p).map_err(|e| read_err(p, e))?;
+        let mtime = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos());
+        let sig = (meta.len(), mtime);
+        if cache.files.get(p).is_some_and(|(s, _)| *s == sig) {
+            continue;
+        }
+        let text = std::fs::read_to_string(p).map_err(|e| read_err(p, e))?;
+        cache.files.insert(
+            p.clone(),
+            (sig, parse_file(&p.display().to_string(), &text)),
+        );
+    }
+    assemble(cache.files.values().map(|(_, f)| f))
+}
+
 /// Reads every `*.yaml`/`*.yml` file of `dir` (sorted) and validates the set.
 pub fn load_dir(dir: &Path) -> Result<MeshState, Vec<ManifestError>> {
     let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
@@ -246,36 +293,92 @@ pub fn load_dir(dir: &Path) -> Result<MeshState, Vec<ManifestError>> {
     parse_set(&docs)
 }
 
+/// One file's documents, parsed and checked on their own; cached by the watcher so that a change
+/// to one file re-parses only that file (the set is still validated as a whole).
+#[derive(Debug, Clone, Default)]
+pub struct ParsedFile {
+    mesh_config: Option<(String, MeshConfigSpec)>,
+    services: Services,
+    workloads: Workloads,
+    errors: Vec<ManifestError>,
+}
+
+/// Parses one file's multi-document YAML.
+pub fn parse_file(file: &str, text: &str) -> ParsedFile {
+    let mut p = ParsedFile::default();
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let value = match serde_yaml::Value::deserialize(doc) {
+            Ok(serde_yaml::Value::Null) => continue,
+            Ok(v) => v,
+            Err(e) => {
+                p.errors.push(err(
+                    file,
+                    &format!("document {}", i + 1),
+                    "-",
+                    e.to_string(),
+                ));
+                break;
+            }
+        };
+        if let Err(e) = parse_doc(
+            file,
+            i,
+            value,
+            &mut p.mesh_config,
+            &mut p.services,
+            &mut p.workloads,
+        ) {
+            p.errors.push(e);
+        }
+    }
+    p
+}
+
 /// Validates a set of (file name, YAML text) as one mesh state.
 pub fn parse_set(files: &[(String, String)]) -> Result<MeshState, Vec<ManifestError>> {
+    let parsed: Vec<ParsedFile> = files.iter().map(|(f, t)| parse_file(f, t)).collect();
+    assemble(parsed.iter())
+}
+
+/// Merges parsed files into one mesh state, checking what spans files.
+pub fn assemble<'a>(
+    files: impl Iterator<Item = &'a ParsedFile>,
+) -> Result<MeshState, Vec<ManifestError>> {
     let mut errors = Vec::new();
     let mut mesh_config: Option<(String, MeshConfigSpec)> = None;
-    let mut services = BTreeMap::new();
-    let mut workloads = BTreeMap::new();
-    for (file, text) in files {
-        for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-            let value = match serde_yaml::Value::deserialize(doc) {
-                Ok(serde_yaml::Value::Null) => continue,
-                Ok(v) => v,
-                Err(e) => {
-                    errors.push(err(
-                        file,
-                        &format!("document {}", i + 1),
-                        "-",
-                        e.to_string(),
-                    ));
-                    break;
-                }
-            };
-            if let Err(e) = parse_doc(
-                file,
-                i,
-                value,
-                &mut mesh_config,
-                &mut services,
-                &mut workloads,
-            ) {
-                errors.push(e);
+    let mut services: Services = BTreeMap::new();
+    let mut workloads: Workloads = BTreeMap::new();
+    for p in files {
+        errors.extend(p.errors.iter().cloned());
+        if let Some((file, spec)) = &p.mesh_config {
+            match &mesh_config {
+                Some((other, _)) => errors.push(err(
+                    file,
+                    "MeshConfig",
+                    "kind",
+                    format!("a second MeshConfig (the first is in {other})"),
+                )),
+                None => mesh_config = Some((file.clone(), spec.clone())),
+            }
+        }
+        for (k, (file, v)) in &p.services {
+            if let Some((other, _)) = services.insert(k.clone(), (file.clone(), v.clone())) {
+                errors.push(err(
+                    file,
+                    &format!("ServiceEntry {}/{}", k.0, k.1),
+                    "metadata.name",
+                    format!("duplicate ServiceEntry (also in {other})"),
+                ));
+            }
+        }
+        for (k, (file, v)) in &p.workloads {
+            if let Some((other, _)) = workloads.insert(k.clone(), (file.clone(), v.clone())) {
+                errors.push(err(
+                    file,
+                    &format!("WorkloadEntry {k}"),
+                    "metadata.name",
+                    format!("duplicate WorkloadEntry (also in {other})"),
+                ));
             }
         }
     }
@@ -331,12 +434,54 @@ pub fn parse_set(files: &[(String, String)]) -> Result<MeshState, Vec<ManifestEr
     if !errors.is_empty() {
         return Err(errors);
     }
+    let services: BTreeMap<_, _> = services.into_iter().map(|(k, (_, v))| (k, v)).collect();
+    let workloads: BTreeMap<_, _> = workloads.into_iter().map(|(k, (_, v))| (k, v)).collect();
+    let selected = select(&services, &workloads);
     Ok(MeshState {
         trust_domain,
         cert_ttl,
-        services: services.into_iter().map(|(k, (_, v))| (k, v)).collect(),
-        workloads: workloads.into_iter().map(|(k, (_, v))| (k, v)).collect(),
+        services,
+        workloads,
+        selected,
     })
+}
+
+/// Indexes workloads by (namespace, label, value) so each service's selection is a lookup of its
+/// rarest label instead of a scan of every workload.
+fn select(
+    services: &BTreeMap<(String, String), ServiceSpec>,
+    workloads: &BTreeMap<WorkloadRef, WorkloadSpec>,
+) -> BTreeMap<(String, String), Vec<WorkloadRef>> {
+    let mut by_label: BTreeMap<(&str, &str, &str), Vec<&WorkloadSpec>> = BTreeMap::new();
+    for w in workloads.values() {
+        for (k, v) in &w.labels {
+            by_label
+                .entry((&w.workload.namespace, k, v))
+                .or_default()
+                .push(w);
+        }
+    }
+    services
+        .iter()
+        .map(|(key, s)| {
+            let candidates = s
+                .selector
+                .iter()
+                .map(|(k, v)| {
+                    by_label
+                        .get(&(s.namespace.as_str(), k.as_str(), v.as_str()))
+                        .map_or(&[][..], Vec::as_slice)
+                })
+                .min_by_key(|c| c.len())
+                .unwrap_or(&[]);
+            let chosen = candidates
+                .iter()
+                .filter(|w| s.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+                .map(|w| w.workload.clone())
+                .collect();
+            (key.clone(), chosen)
+        })
+        .collect()
 }
 
 fn err(file: &str, resource: &str, field: &str, reason: String) -> ManifestError {

@@ -31,7 +31,7 @@ pub const CONTROL_NS: &str = "weft-system";
 pub const CONTROL_SA: &str = "weft-control";
 pub const CONTROL_DNS: &str = "weft-control";
 /// How often the manifest folder and the CA folder are checked for changes.
-const WATCH_PERIOD: Duration = Duration::from_millis(100);
+const WATCH_PERIOD: Duration = Duration::from_millis(10);
 /// Lifetime of the control plane's serving certificate (re-issued on every start and rotation).
 const SERVING_TTL: Duration = Duration::from_secs(30 * 86400);
 
@@ -60,6 +60,24 @@ pub struct Shared {
     pub proxies: Mutex<BTreeMap<u64, ProxyStatus>>,
     pub next_id: AtomicU64,
     pub last_error: Mutex<Option<String>>,
+    /// The service table of the current state, shared by every push loop.
+    pub table: Mutex<Option<(usize, Arc<snapshot::ServiceTable>)>>,
+}
+
+impl Shared {
+    /// The service table for `state`, computed once per accepted state.
+    pub fn service_table(&self, state: &Arc<MeshState>) -> Arc<snapshot::ServiceTable> {
+        let key = Arc::as_ptr(state) as usize;
+        let mut slot = lock(&self.table);
+        match &*slot {
+            Some((k, t)) if *k == key => t.clone(),
+            _ => {
+                let t = Arc::new(snapshot::service_table(state));
+                *slot = Some((key, t.clone()));
+                t
+            }
+        }
+    }
 }
 
 fn now_secs() -> u64 {
@@ -255,24 +273,24 @@ async fn push_loop(
 ) {
     let mut state_rx = shared.state.clone();
     let mut ca_rx = shared.ca.clone();
-    let mut last: Option<proto::Snapshot> = None;
+    // what was last sent, as a SHA-256 of the encoded snapshot (version 0): cheaper to keep and
+    // compare than the snapshot itself
+    let mut last: Option<Vec<u8>> = None;
     loop {
         let state = state_rx.borrow_and_update().clone();
         let ca = ca_rx.borrow_and_update().clone();
-        match snapshot::for_workload(&state, &ca.bundle(), &workload) {
+        let table = shared.service_table(&state);
+        match snapshot::for_workload(&state, &table, &ca.bundle(), &workload) {
             Some(mut snap) => {
-                let unchanged = last.as_ref().is_some_and(|l| {
-                    let mut prev = l.clone();
-                    prev.version = 0;
-                    prev == snap
-                });
-                if !unchanged {
+                let digest = {
+                    use prost::Message as _;
+                    ring::digest::digest(&ring::digest::SHA256, &snap.encode_to_vec())
+                        .as_ref()
+                        .to_vec()
+                };
+                if last.as_ref() != Some(&digest) {
+                    last = Some(digest);
                     snap.version = shared.generation.load(Ordering::SeqCst);
-                    last = Some({
-                        let mut c = snap.clone();
-                        c.version = 0;
-                        c
-                    });
                     let version = snap.version;
                     if tx.send(Ok(snap)).await.is_err() {
                         return;
@@ -375,12 +393,14 @@ pub async fn watch_loop(
     let mut config_sig = dir_signature(&shared.config_dir, &[".yaml", ".yml"]);
     let mut ca_sig = dir_signature(&shared.data_dir.join("ca"), &[".pem", "active"]);
     let mut tick = tokio::time::interval(WATCH_PERIOD);
+    let mut cache = manifest::DirCache::default();
+    let _ = manifest::load_dir_cached(&shared.config_dir, &mut cache);
     loop {
         tick.tick().await;
         let sig = dir_signature(&shared.config_dir, &[".yaml", ".yml"]);
         if sig != config_sig {
             config_sig = sig;
-            match manifest::load_dir(&shared.config_dir) {
+            match manifest::load_dir_cached(&shared.config_dir, &mut cache) {
                 Ok(state) => {
                     *lock(&shared.last_error) = None;
                     if **state_tx.borrow() != state {
@@ -445,6 +465,8 @@ pub async fn serve_grpc(
             let Ok((tcp, peer)) = listener.accept().await else {
                 continue;
             };
+            // snapshots and ACKs are small writes: Nagle would hold them for the peer's delayed ACK
+            let _ = tcp.set_nodelay(true);
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.borrow().clone());
             let conn_tx = conn_tx.clone();
             tokio::spawn(async move {

@@ -6,19 +6,16 @@ use rustls_pki_types::CertificateDer;
 use weft_api::proto;
 use weft_api::WorkloadRef;
 
-use crate::manifest::MeshState;
+use crate::manifest::{MeshState, ServiceSpec};
 
-/// The snapshot for `workload` (version 0: the caller stamps it), or None if it is gone.
-pub fn for_workload(
-    state: &MeshState,
-    bundle: &[CertificateDer<'static>],
-    workload: &WorkloadRef,
-) -> Option<proto::Snapshot> {
-    let me = state.workloads.get(workload)?;
-    let services = state
+/// Every service of a mesh state in snapshot form, with its spec (for `exportTo`). Computed
+/// once per accepted state and shared by every proxy's push.
+pub type ServiceTable = Vec<(ServiceSpec, proto::Service)>;
+
+pub fn service_table(state: &MeshState) -> ServiceTable {
+    state
         .services
         .values()
-        .filter(|s| MeshState::visible(s, &workload.namespace))
         .map(|s| {
             let mut endpoints = Vec::new();
             for w in state.endpoints_of(s) {
@@ -41,7 +38,7 @@ pub fn for_workload(
                     });
                 }
             }
-            proto::Service {
+            let service = proto::Service {
                 host: s.hosts.first().cloned().unwrap_or_default(),
                 namespace: s.namespace.clone(),
                 name: s.name.clone(),
@@ -55,8 +52,24 @@ pub fn for_workload(
                     })
                     .collect(),
                 endpoints,
-            }
+            };
+            (s.clone(), service)
         })
+        .collect()
+}
+
+/// The snapshot for `workload` (version 0: the caller stamps it), or None if it is gone.
+pub fn for_workload(
+    state: &MeshState,
+    table: &ServiceTable,
+    bundle: &[CertificateDer<'static>],
+    workload: &WorkloadRef,
+) -> Option<proto::Snapshot> {
+    let me = state.workloads.get(workload)?;
+    let services = table
+        .iter()
+        .filter(|(s, _)| MeshState::visible(s, &workload.namespace))
+        .map(|(_, p)| p.clone())
         .collect();
     Some(proto::Snapshot {
         version: 0,

@@ -58,6 +58,7 @@ pub fn from_control(
         cluster("inbound|app".into(), vec![sidecar.app], Vec::new()),
     );
     let mut routes = Vec::new();
+    let mut routed = std::collections::HashSet::new();
     for s in &snap.services {
         for p in &s.ports {
             if !SUPPORTED.contains(&p.protocol.as_str()) {
@@ -85,11 +86,8 @@ pub fn from_control(
                     identities.push(e.spiffe_id.clone());
                 }
             }
-            if p.protocol == "HTTP"
-                && !routes
-                    .iter()
-                    .any(|r: &Route| r.hosts.contains(&HostMatch::Exact(s.host.clone())))
-            {
+            // the first HTTP port of a host takes its Host-based route
+            if p.protocol == "HTTP" && routed.insert(s.host.to_ascii_lowercase()) {
                 routes.push(Route {
                     hosts: vec![HostMatch::Exact(s.host.to_ascii_lowercase())],
                     path: PathMatch::Prefix("/".into()),
