@@ -238,6 +238,10 @@ pub fn run(a: PushArgs) -> anyhow::Result<()> {
         );
     }
     drop(procs);
-    let _ = std::fs::remove_dir_all(&dir);
+    if std::env::var_os("WEFT_BENCH_KEEP").is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    } else {
+        eprintln!("logs kept in {}", dir.display());
+    }
     Ok(())
 }

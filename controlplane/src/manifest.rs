@@ -8,6 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -137,8 +138,9 @@ pub struct MeshState {
     pub trust_domain: String,
     #[serde(with = "secs")]
     pub cert_ttl: Duration,
-    pub services: BTreeMap<(String, String), ServiceSpec>,
-    pub workloads: BTreeMap<WorkloadRef, WorkloadSpec>,
+    // Arc: a change re-assembles the set from cached files without copying every spec
+    pub services: BTreeMap<(String, String), Arc<ServiceSpec>>,
+    pub workloads: BTreeMap<WorkloadRef, Arc<WorkloadSpec>>,
     /// Service → the workloads it selects (computed once per accepted set).
     #[serde(skip)]
     pub selected: BTreeMap<(String, String), Vec<WorkloadRef>>,
@@ -173,7 +175,7 @@ impl MeshState {
             .get(&(s.namespace.clone(), s.name.clone()))
             .into_iter()
             .flatten()
-            .filter_map(|w| self.workloads.get(w))
+            .filter_map(|w| self.workloads.get(w).map(|w| &**w))
     }
 
     /// May workloads of namespace `ns` call service `s`?
@@ -418,7 +420,10 @@ pub fn assemble<'a>(
     };
     // hosts must be unique across services
     let mut hosts = BTreeMap::new();
-    for s in services.values().map(|(_, s): &(String, ServiceSpec)| s) {
+    for s in services
+        .values()
+        .map(|(_, s): &(String, Arc<ServiceSpec>)| s)
+    {
         for h in &s.hosts {
             if let Some(other) = hosts.insert(h.clone(), format!("{}/{}", s.namespace, s.name)) {
                 let file = &services[&(s.namespace.clone(), s.name.clone())].0;
@@ -449,8 +454,8 @@ pub fn assemble<'a>(
 /// Indexes workloads by (namespace, label, value) so each service's selection is a lookup of its
 /// rarest label instead of a scan of every workload.
 fn select(
-    services: &BTreeMap<(String, String), ServiceSpec>,
-    workloads: &BTreeMap<WorkloadRef, WorkloadSpec>,
+    services: &BTreeMap<(String, String), Arc<ServiceSpec>>,
+    workloads: &BTreeMap<WorkloadRef, Arc<WorkloadSpec>>,
 ) -> BTreeMap<(String, String), Vec<WorkloadRef>> {
     let mut by_label: BTreeMap<(&str, &str, &str), Vec<&WorkloadSpec>> = BTreeMap::new();
     for w in workloads.values() {
@@ -493,8 +498,8 @@ fn err(file: &str, resource: &str, field: &str, reason: String) -> ManifestError
     }
 }
 
-type Services = BTreeMap<(String, String), (String, ServiceSpec)>;
-type Workloads = BTreeMap<WorkloadRef, (String, WorkloadSpec)>;
+type Services = BTreeMap<(String, String), (String, Arc<ServiceSpec>)>;
+type Workloads = BTreeMap<WorkloadRef, (String, Arc<WorkloadSpec>)>;
 
 fn typed<T: serde::de::DeserializeOwned>(
     file: &str,
@@ -587,9 +592,10 @@ fn parse_doc(
             want_version("networking.istio.io/v1")?;
             let spec: ServiceEntrySpec = typed(file, &resource, "spec", env.spec)?;
             let s = validate_service(file, &resource, &ns, &meta.name, spec)?;
-            if let Some((other, _)) =
-                services.insert((ns.clone(), meta.name.clone()), (file.to_string(), s))
-            {
+            if let Some((other, _)) = services.insert(
+                (ns.clone(), meta.name.clone()),
+                (file.to_string(), Arc::new(s)),
+            ) {
                 return Err(err(
                     file,
                     &resource,
@@ -602,7 +608,9 @@ fn parse_doc(
             want_version("networking.istio.io/v1")?;
             let spec: WorkloadEntrySpec = typed(file, &resource, "spec", env.spec)?;
             let w = validate_workload(file, &resource, &ns, &meta.name, spec)?;
-            if let Some((other, _)) = workloads.insert(w.workload.clone(), (file.to_string(), w)) {
+            if let Some((other, _)) =
+                workloads.insert(w.workload.clone(), (file.to_string(), Arc::new(w)))
+            {
                 return Err(err(
                     file,
                     &resource,

@@ -30,8 +30,9 @@ use crate::snapshot;
 pub const CONTROL_NS: &str = "weft-system";
 pub const CONTROL_SA: &str = "weft-control";
 pub const CONTROL_DNS: &str = "weft-control";
-/// How often the manifest folder and the CA folder are checked for changes.
-const WATCH_PERIOD: Duration = Duration::from_millis(10);
+/// Folders are re-checked on every inotify event and at least this often (in case events are
+/// lost, e.g. on network filesystems).
+const WATCH_PERIOD: Duration = Duration::from_secs(1);
 /// Lifetime of the control plane's serving certificate (re-issued on every start and rotation).
 const SERVING_TTL: Duration = Duration::from_secs(30 * 86400);
 
@@ -72,7 +73,7 @@ impl Shared {
         match &*slot {
             Some((k, t)) if *k == key => t.clone(),
             _ => {
-                let t = Arc::new(snapshot::service_table(state));
+                let t = Arc::new(snapshot::ServiceTable::new(state));
                 *slot = Some((key, t.clone()));
                 t
             }
@@ -281,13 +282,7 @@ async fn push_loop(
         let ca = ca_rx.borrow_and_update().clone();
         let table = shared.service_table(&state);
         match snapshot::for_workload(&state, &table, &ca.bundle(), &workload) {
-            Some(mut snap) => {
-                let digest = {
-                    use prost::Message as _;
-                    ring::digest::digest(&ring::digest::SHA256, &snap.encode_to_vec())
-                        .as_ref()
-                        .to_vec()
-                };
+            Some((mut snap, digest)) => {
                 if last.as_ref() != Some(&digest) {
                     last = Some(digest);
                     snap.version = shared.generation.load(Ordering::SeqCst);
@@ -383,6 +378,30 @@ pub fn save_state(data_dir: &std::path::Path, state: &MeshState) {
     }
 }
 
+type Events = inotify::EventStream<[u8; 4096]>;
+
+/// An inotify stream over `dirs`, or None (then the watcher polls every `WATCH_PERIOD`).
+fn folder_events(dirs: &[&std::path::Path]) -> Option<Events> {
+    use inotify::{Inotify, WatchMask};
+    let ino = Inotify::init()
+        .map_err(|e| warn!("inotify unavailable, polling folders: {e}"))
+        .ok()?;
+    let mask = WatchMask::CLOSE_WRITE
+        | WatchMask::MOVED_TO
+        | WatchMask::MOVED_FROM
+        | WatchMask::CREATE
+        | WatchMask::DELETE
+        | WatchMask::MODIFY;
+    for d in dirs {
+        if let Err(e) = ino.watches().add(d, mask) {
+            warn!("cannot watch {}: {e}; polling it", d.display());
+        }
+    }
+    ino.into_event_stream([0u8; 4096])
+        .map_err(|e| warn!("inotify stream: {e}"))
+        .ok()
+}
+
 /// Watches the manifest folder and the CA folder; publishes accepted changes.
 pub async fn watch_loop(
     shared: Arc<Shared>,
@@ -395,15 +414,34 @@ pub async fn watch_loop(
     let mut tick = tokio::time::interval(WATCH_PERIOD);
     let mut cache = manifest::DirCache::default();
     let _ = manifest::load_dir_cached(&shared.config_dir, &mut cache);
+    let mut events = folder_events(&[&shared.config_dir, &shared.data_dir.join("ca")]);
     loop {
-        tick.tick().await;
+        match events.as_mut() {
+            Some(ev) => {
+                tokio::select! {
+                    e = tokio_stream::StreamExt::next(ev) => if e.is_none() { events = None },
+                    _ = tick.tick() => {}
+                }
+            }
+            None => {
+                tick.tick().await;
+            }
+        }
         let sig = dir_signature(&shared.config_dir, &[".yaml", ".yml"]);
         if sig != config_sig {
             config_sig = sig;
-            match manifest::load_dir_cached(&shared.config_dir, &mut cache) {
+            let started = std::time::Instant::now();
+            let loaded = manifest::load_dir_cached(&shared.config_dir, &mut cache);
+            debug!(
+                elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+                "manifests loaded"
+            );
+            match loaded {
                 Ok(state) => {
                     *lock(&shared.last_error) = None;
-                    if **state_tx.borrow() != state {
+                    // every accepted change is published; a proxy whose snapshot did not change is
+                    // not pushed to (the push loops compare digests), so no deep compare here
+                    {
                         let g = shared.generation.fetch_add(1, Ordering::SeqCst) + 1;
                         info!(
                             generation = g,
@@ -411,8 +449,11 @@ pub async fn watch_loop(
                             workloads = state.workloads.len(),
                             "manifests accepted"
                         );
-                        save_state(&shared.data_dir, &state);
-                        state_tx.send_replace(Arc::new(state));
+                        let state = Arc::new(state);
+                        state_tx.send_replace(state.clone());
+                        // off the push path: mesh.json only serves `weft-control mint`
+                        let dir = shared.data_dir.clone();
+                        tokio::task::spawn_blocking(move || save_state(&dir, &state));
                     }
                 }
                 Err(errors) => {

@@ -31,6 +31,8 @@ use weft_api::{JoinToken, WorkloadRef};
 const CONTROL_DNS: &str = "weft-control";
 const CONTROL_NS: &str = "weft-system";
 const CONTROL_SA: &str = "weft-control";
+/// HTTP/2 receive window for the control stream (bytes).
+const SNAPSHOT_WINDOW: u32 = 8 * 1024 * 1024;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -289,6 +291,10 @@ pub async fn connect(
     });
     let channel = Endpoint::from_static("http://weft-control")
         .connect_timeout(Duration::from_secs(5))
+        // a snapshot of a large mesh is hundreds of KiB: a 64 KiB HTTP/2 window would make
+        // each push wait for several WINDOW_UPDATE round trips
+        .initial_stream_window_size(Some(SNAPSHOT_WINDOW))
+        .initial_connection_window_size(Some(SNAPSHOT_WINDOW))
         .connect_with_connector(connector)
         .await
         .map_err(|e| {

@@ -25,7 +25,7 @@ use crate::snapshot::{Cluster, Limits, Listener, ListenerKind, Snapshot};
 use crate::{proxy, tcp};
 
 /// How often an idle core looks at its control channel. Bounds config-push latency per core.
-const CONTROL_POLL: Duration = Duration::from_millis(5);
+const CONTROL_POLL: Duration = Duration::from_millis(2);
 /// How often the pool drops connections past their idle timeout.
 const POOL_SWEEP: Duration = Duration::from_secs(5);
 

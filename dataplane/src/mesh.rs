@@ -59,7 +59,9 @@ pub fn from_control(
     );
     let mut routes = Vec::new();
     let mut routed = std::collections::HashSet::new();
-    for s in &snap.services {
+    let list = <proto::ServiceList as prost::Message>::decode(snap.service_list.clone())
+        .map_err(|e| format!("undecodable service list: {e}"))?;
+    for s in &list.services {
         for p in &s.ports {
             if !SUPPORTED.contains(&p.protocol.as_str()) {
                 return Err(format!(
@@ -136,22 +138,25 @@ mod tests {
                 name: "order-1".into(),
                 ..Default::default()
             }),
-            services: vec![proto::Service {
-                host: "checkout.prod.svc.cluster.local".into(),
-                namespace: "prod".into(),
-                name: "checkout".into(),
-                ports: vec![proto::Port {
-                    number: 80,
-                    name: "http".into(),
-                    protocol: protocol.into(),
+            service_list: prost::Message::encode_to_vec(&proto::ServiceList {
+                services: vec![proto::Service {
+                    host: "checkout.prod.svc.cluster.local".into(),
+                    namespace: "prod".into(),
+                    name: "checkout".into(),
+                    ports: vec![proto::Port {
+                        number: 80,
+                        name: "http".into(),
+                        protocol: protocol.into(),
+                    }],
+                    endpoints: vec![proto::Endpoint {
+                        address: "127.0.0.1:16101".into(),
+                        port_name: "http".into(),
+                        spiffe_id: "spiffe://cluster.local/ns/prod/sa/checkout".into(),
+                        workload: "prod/checkout-1".into(),
+                    }],
                 }],
-                endpoints: vec![proto::Endpoint {
-                    address: "127.0.0.1:16101".into(),
-                    port_name: "http".into(),
-                    spiffe_id: "spiffe://cluster.local/ns/prod/sa/checkout".into(),
-                    workload: "prod/checkout-1".into(),
-                }],
-            }],
+            })
+            .into(),
             trust_bundle_der: vec![],
             trust_domain: "cluster.local".into(),
         }
