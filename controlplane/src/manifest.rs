@@ -186,24 +186,7 @@ impl MeshState {
     }
 }
 
-/// Parses `30s`, `5m`, `24h`, `250ms`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration (e.g. 30s, 5m, 24h)"))?;
-    let secs = match unit {
-        "ms" => return Ok(Duration::from_millis(n)),
-        "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86400,
-        _ => return Err(format!("`{s}` has no valid unit (ms, s, m, h, d)")),
-    };
-    Ok(Duration::from_secs(secs))
-}
+pub use weft_api::units::parse_duration;
 
 fn valid_dns_label(s: &str) -> bool {
     !s.is_empty()

@@ -25,6 +25,7 @@ use weft_api::{JoinToken, SpiffeId, WorkloadRef};
 use crate::ca::{self, Ca};
 use crate::manifest::{self, MeshState};
 use crate::snapshot;
+use weft_api::units::rfc3339;
 
 /// The control plane's own identity, and the DNS name proxies verify it by.
 pub const CONTROL_NS: &str = "weft-system";
@@ -103,16 +104,6 @@ fn peer_identity<T>(req: &Request<T>) -> Result<Option<(SpiffeId, i64)>, Status>
     }
 }
 
-fn rfc3339(ts: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(ts)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_default()
-}
-
 pub struct MeshService {
     pub shared: Arc<Shared>,
 }
@@ -144,6 +135,15 @@ impl Mesh for MeshService {
                 return Err(Status::permission_denied(format!(
                     "{id} is not in trust domain {}",
                     state.trust_domain
+                )));
+            }
+            // a renewal keeps an identity alive only while some WorkloadEntry still uses it
+            let in_use = state.workloads.values().any(|w| {
+                w.workload.namespace == id.namespace && w.service_account == id.service_account
+            });
+            if !in_use {
+                return Err(Status::permission_denied(format!(
+                    "no WorkloadEntry runs as {id} any more"
                 )));
             }
             (id, String::new(), None)

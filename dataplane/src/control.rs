@@ -25,6 +25,7 @@ use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, info, warn};
 use weft_api::proto::mesh_client::MeshClient;
 use weft_api::proto::{self, subscribe_request::Kind};
+use weft_api::units::rfc3339;
 use weft_api::{JoinToken, WorkloadRef};
 
 /// The name the control plane's certificate carries (DNS SAN) and the identity it must have.
@@ -83,16 +84,6 @@ pub fn now_secs() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
-}
-
-pub fn rfc3339(ts: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(ts)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_default()
 }
 
 fn cert_facts(der: &[u8]) -> (String, String, i64, i64) {

@@ -138,24 +138,7 @@ pub fn format_duration(d: Duration) -> String {
     }
 }
 
-/// Parses `250ms`, `10s`, `5m`, `2h` (an integer and a unit).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration (expected e.g. 250ms, 10s, 5m, 1h)"))?;
-    let ms = match unit {
-        "ms" => Some(n),
-        "s" => n.checked_mul(1000),
-        "m" => n.checked_mul(60_000),
-        "h" => n.checked_mul(3_600_000),
-        _ => return Err(format!("`{s}` has no valid unit (ms, s, m or h)")),
-    };
-    ms.map(Duration::from_millis)
-        .ok_or_else(|| format!("`{s}` is too large"))
-}
+pub use weft_api::units::parse_duration;
 
 #[cfg(test)]
 mod tests {

@@ -128,14 +128,21 @@ impl Proxy {
 
     /// Starts weft-proxy without waiting for it.
     pub fn spawn(config: &str, extra: &[&str]) -> Proxy {
+        Self::launch(Some(config), extra)
+    }
+
+    /// Starts weft-proxy with `--config` (written to a fresh folder) when given, and `extra`.
+    fn launch(config: Option<&str>, extra: &[&str]) -> Proxy {
         let dir = TempDir::new("proxy");
         let path = dir.0.join("weft.yaml");
-        std::fs::write(&path, config).unwrap();
+        let mut cmd = Command::new(bin("weft-proxy"));
+        if let Some(text) = config {
+            std::fs::write(&path, text).unwrap();
+            cmd.arg("--config").arg(&path);
+        }
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let log = dir.0.join("proxy.log");
-        let child = Command::new(bin("weft-proxy"))
-            .arg("--config")
-            .arg(&path)
+        let child = cmd
             .arg("--admin")
             .arg(admin.to_string())
             .args(extra)
@@ -875,24 +882,56 @@ impl Sidecar {
 impl Proxy {
     /// Starts weft-proxy in control-plane mode (no config file).
     pub fn spawn_control(extra: &[&str]) -> Proxy {
-        let dir = TempDir::new("sidecar");
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let log = dir.0.join("proxy.log");
-        let child = Command::new(bin("weft-proxy"))
-            .arg("--admin")
-            .arg(admin.to_string())
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        Proxy {
-            child,
-            admin,
-            config: dir.0.join("none"),
-            log,
-            _dir: dir,
-        }
+        Self::launch(None, extra)
     }
+}
+
+/// Keep-alive GET load with `Host: host` from `conns` threads until `stop` (and at most 20 000
+/// requests per thread); returns the join handle and the (ok, failed) counters. A failed request
+/// reconnects.
+pub fn background_load(
+    addr: SocketAddr,
+    host: &str,
+    conns: usize,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> (
+    std::thread::JoinHandle<()>,
+    Arc<std::sync::atomic::AtomicU64>,
+    Arc<std::sync::atomic::AtomicU64>,
+) {
+    use std::sync::atomic::AtomicU64;
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let (ok2, failed2) = (ok.clone(), failed.clone());
+    let request = format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    let h = std::thread::spawn(move || {
+        let workers: Vec<_> = (0..conns)
+            .map(|_| {
+                let (stop, ok, failed, request) =
+                    (stop.clone(), ok2.clone(), failed2.clone(), request.clone());
+                std::thread::spawn(move || {
+                    let mut c = Client::connect(addr);
+                    for _ in 0..20_000 {
+                        if stop.load(Ordering::SeqCst) {
+                            return;
+                        }
+                        c.send(request.as_bytes());
+                        match c.response() {
+                            Some(r) if r.status == 200 => {
+                                ok.fetch_add(1, Ordering::SeqCst);
+                            }
+                            _ => {
+                                failed.fetch_add(1, Ordering::SeqCst);
+                                c = Client::connect(addr);
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().unwrap();
+        }
+    });
+    (h, ok, failed)
 }

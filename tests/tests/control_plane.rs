@@ -3,8 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -85,10 +84,6 @@ fn workloads() -> Vec<Wl> {
             inbound: free_port(),
         },
     ]
-}
-
-fn addr(port: u16) -> SocketAddr {
-    format!("127.0.0.1:{port}").parse().unwrap()
 }
 
 #[test]
@@ -312,16 +307,14 @@ fn manifest_changes_reach_every_core_and_bad_sets_or_nacks_keep_the_last_good() 
     let v1 = order.proxy.version();
 
     // a new WorkloadEntry reaches every core of the running proxy
-    let app2 = Origin::fixed("checkout-2");
-    let _checkout2_port = {
-        wls.push(Wl {
-            name: "checkout-2",
-            sa: "checkout",
-            app: "checkout",
-            inbound: free_port(),
-        });
-        wls[2].inbound
-    };
+    // (it shares checkout-1's sidecar address, so every endpoint the proxy balances over is live)
+    let shared_inbound = wls[1].inbound;
+    wls.push(Wl {
+        name: "checkout-2",
+        sa: "checkout",
+        app: "checkout",
+        inbound: shared_inbound,
+    });
     control.write_manifests(&mesh_yaml("1h", &wls, ""));
     let v2 = wait_for(
         "new snapshot on every core",
@@ -345,7 +338,6 @@ fn manifest_changes_reach_every_core_and_bad_sets_or_nacks_keep_the_last_good() 
             .proxy("prod/order-1")
             .filter(|p| p["acked_version"].as_u64() == Some(v2))
     });
-    drop(app2);
 
     // an invalid set is rejected as a whole, with file, resource and field; nothing is pushed
     control.write_manifests(&mesh_yaml("1h", &wls, "---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: bad-1, namespace: prod}\nspec: {address: not-an-ip}\n"));
@@ -456,33 +448,12 @@ fn a_sidecar_renews_under_load_without_failing_a_request() {
     );
     let first_serial = order.certs()["serial"].as_str().unwrap().to_string();
     let stop = Arc::new(AtomicBool::new(false));
-    let ok = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(AtomicU64::new(0));
-    let outbound = order.outbound;
-    let workers: Vec<_> = (0..2)
-        .map(|_| {
-            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-            std::thread::spawn(move || {
-                let mut c = Client::connect(outbound);
-                // bounded: 30 s worth at most
-                for _ in 0..200_000 {
-                    if stop.load(Ordering::SeqCst) {
-                        return;
-                    }
-                    c.send(b"GET / HTTP/1.1\r\nHost: checkout.prod.svc.cluster.local\r\n\r\n");
-                    match c.response() {
-                        Some(r) if r.status == 200 => ok.fetch_add(1, Ordering::SeqCst),
-                        _ => {
-                            failed.fetch_add(1, Ordering::SeqCst);
-                            c = Client::connect(outbound);
-                            0
-                        }
-                    };
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-            })
-        })
-        .collect();
+    let (load, ok, failed) = background_load(
+        order.outbound,
+        "checkout.prod.svc.cluster.local",
+        2,
+        stop.clone(),
+    );
     let renewed = wait_for("certificate renewal", Duration::from_secs(25), || {
         let s = order.certs()["serial"].as_str()?.to_string();
         (s != first_serial).then_some(s)
@@ -492,9 +463,7 @@ fn a_sidecar_renews_under_load_without_failing_a_request() {
         (ok.load(Ordering::SeqCst) > before + 50).then_some(())
     });
     stop.store(true, Ordering::SeqCst);
-    for w in workers {
-        w.join().unwrap();
-    }
+    load.join().unwrap();
     assert_ne!(renewed, first_serial);
     assert!(order.proxy.log_text().contains("certificate renewed"));
     assert_eq!(
@@ -503,5 +472,4 @@ fn a_sidecar_renews_under_load_without_failing_a_request() {
         "no request failed across the renewal"
     );
     assert!(ok.load(Ordering::SeqCst) > 100);
-    let _ = addr(0);
 }

@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -316,46 +316,6 @@ fn slowloris_is_cut_by_the_header_timeout_while_others_are_served() {
     );
 }
 
-/// Keep-alive load from `conns` threads until `stop`; counts (ok, failed).
-fn background_load(
-    port: u16,
-    conns: usize,
-    stop: Arc<AtomicBool>,
-) -> (std::thread::JoinHandle<()>, Arc<AtomicU64>, Arc<AtomicU64>) {
-    let ok = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(AtomicU64::new(0));
-    let (ok2, failed2) = (ok.clone(), failed.clone());
-    let h = std::thread::spawn(move || {
-        let workers: Vec<_> = (0..conns)
-            .map(|_| {
-                let (stop, ok, failed) = (stop.clone(), ok2.clone(), failed2.clone());
-                std::thread::spawn(move || {
-                    let mut c = Client::connect(addr(port));
-                    // bounded: at most 20 000 requests per worker
-                    for _ in 0..20_000 {
-                        if stop.load(Ordering::SeqCst) {
-                            return;
-                        }
-                        c.send(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n");
-                        match c.response() {
-                            Some(r) if r.status == 200 => ok.fetch_add(1, Ordering::SeqCst),
-                            _ => {
-                                failed.fetch_add(1, Ordering::SeqCst);
-                                c = Client::connect(addr(port));
-                                0
-                            }
-                        };
-                    }
-                })
-            })
-            .collect();
-        for w in workers {
-            w.join().unwrap();
-        }
-    });
-    (h, ok, failed)
-}
-
 #[test]
 fn sighup_reload_under_load_fails_no_request() {
     let a = Origin::fixed("a");
@@ -365,7 +325,7 @@ fn sighup_reload_under_load_fails_no_request() {
     let conf_b = http_config(port, &[b.addr], "");
     let proxy = Proxy::start(&conf_a, 2);
     let stop = Arc::new(AtomicBool::new(false));
-    let (h, ok, failed) = background_load(port, 4, stop.clone());
+    let (h, ok, failed) = background_load(addr(port), "t", 4, stop.clone());
     wait_for("load running", Duration::from_secs(10), || {
         (ok.load(Ordering::SeqCst) > 50).then_some(())
     });

@@ -6,6 +6,7 @@
 
 pub mod identity;
 pub mod token;
+pub mod units;
 
 pub use identity::{SpiffeId, SpiffeIdError, WorkloadRef};
 pub use token::{JoinToken, TokenError};
