@@ -242,6 +242,7 @@ impl Mesh for MeshService {
                     })) => {
                         if let Some(p) = lock(&shared.proxies).get_mut(&conn) {
                             p.acked_version = p.acked_version.max(a.version);
+                            debug!(workload = %p.workload, version = a.version, "ACK");
                         }
                     }
                     Ok(Some(proto::SubscribeRequest {

@@ -17,7 +17,9 @@ use crate::manifest::{MeshState, ServiceSpec};
 /// by every proxy's push; the services visible from a namespace (and their digest) are computed
 /// once per namespace.
 pub struct ServiceTable {
-    entries: Vec<(Arc<ServiceSpec>, proto::Service)>,
+    /// Each service with its encoding as one `ServiceList.services` field (tag, length,
+    /// message), so a namespace's list is the concatenation of its visible entries.
+    entries: Vec<(Arc<ServiceSpec>, Vec<u8>)>,
     // control plane only: filled lazily by the push tasks
     visible: Mutex<HashMap<String, Arc<Visible>>>,
 }
@@ -41,13 +43,14 @@ impl ServiceTable {
         cache
             .entry(namespace.to_string())
             .or_insert_with(|| {
-                let services: Vec<proto::Service> = self
+                let mut encoded = Vec::new();
+                for (_, field) in self
                     .entries
                     .iter()
                     .filter(|(s, _)| MeshState::visible(s, namespace))
-                    .map(|(_, p)| p.clone())
-                    .collect();
-                let encoded = proto::ServiceList { services }.encode_to_vec();
+                {
+                    encoded.extend_from_slice(field);
+                }
                 let digest = ring::digest::digest(&SHA256, &encoded).as_ref().to_vec();
                 Arc::new(Visible {
                     encoded: encoded.into(),
@@ -58,7 +61,7 @@ impl ServiceTable {
     }
 }
 
-fn service_table(state: &MeshState) -> Vec<(Arc<ServiceSpec>, proto::Service)> {
+fn service_table(state: &MeshState) -> Vec<(Arc<ServiceSpec>, Vec<u8>)> {
     state
         .services
         .values()
@@ -99,7 +102,10 @@ fn service_table(state: &MeshState) -> Vec<(Arc<ServiceSpec>, proto::Service)> {
                     .collect(),
                 endpoints,
             };
-            (s.clone(), service)
+            // field 1 of ServiceList, length-delimited
+            let mut field = Vec::with_capacity(service.encoded_len() + 6);
+            prost::encoding::message::encode(1, &service, &mut field);
+            (s.clone(), field)
         })
         .collect()
 }

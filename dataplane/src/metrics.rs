@@ -114,6 +114,10 @@ impl CoreMetrics {
     }
 
     pub fn cluster(&self, name: &str) -> Rc<ClusterCounters> {
+        // a snapshot recompiles every cluster: look up before allocating a key
+        if let Some(c) = self.clusters.borrow().get(name) {
+            return c.clone();
+        }
         self.clusters
             .borrow_mut()
             .entry(name.to_string())
