@@ -178,6 +178,18 @@ impl MeshState {
             .filter_map(|w| self.workloads.get(w).map(|w| &**w))
     }
 
+    /// Like `endpoints_of`, as the shared `Arc`s (so callers can tell unchanged ones apart).
+    pub fn endpoint_arcs<'a>(
+        &'a self,
+        s: &'a ServiceSpec,
+    ) -> impl Iterator<Item = &'a Arc<WorkloadSpec>> + 'a {
+        self.selected
+            .get(&(s.namespace.clone(), s.name.clone()))
+            .into_iter()
+            .flatten()
+            .filter_map(|w| self.workloads.get(w))
+    }
+
     /// May workloads of namespace `ns` call service `s`?
     pub fn visible(s: &ServiceSpec, ns: &str) -> bool {
         s.export_to

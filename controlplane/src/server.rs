@@ -63,19 +63,22 @@ pub struct Shared {
     pub next_id: AtomicU64,
     pub last_error: Mutex<Option<String>>,
     /// The service table of the current state, shared by every push loop.
-    pub table: Mutex<Option<(usize, Arc<snapshot::ServiceTable>)>>,
+    /// Keyed by the state itself (kept alive here, compared by pointer).
+    pub table: Mutex<Option<(Arc<MeshState>, Arc<snapshot::ServiceTable>)>>,
 }
 
 impl Shared {
     /// The service table for `state`, computed once per accepted state.
     pub fn service_table(&self, state: &Arc<MeshState>) -> Arc<snapshot::ServiceTable> {
-        let key = Arc::as_ptr(state) as usize;
         let mut slot = lock(&self.table);
         match &*slot {
-            Some((k, t)) if *k == key => t.clone(),
-            _ => {
-                let t = Arc::new(snapshot::ServiceTable::new(state));
-                *slot = Some((key, t.clone()));
+            Some((k, t)) if Arc::ptr_eq(k, state) => t.clone(),
+            previous => {
+                let t = Arc::new(snapshot::ServiceTable::new(
+                    state,
+                    previous.as_ref().map(|(_, t)| &**t),
+                ));
+                *slot = Some((state.clone(), t.clone()));
                 t
             }
         }

@@ -19,9 +19,17 @@ use crate::manifest::{MeshState, ServiceSpec};
 pub struct ServiceTable {
     /// Each service with its encoding as one `ServiceList.services` field (tag, length,
     /// message), so a namespace's list is the concatenation of its visible entries.
-    entries: Vec<(Arc<ServiceSpec>, Vec<u8>)>,
+    entries: Vec<Entry>,
+    trust_domain: String,
     // control plane only: filled lazily by the push tasks
     visible: Mutex<HashMap<String, Arc<Visible>>>,
+}
+
+/// One service, the workloads behind it (kept alive, compared by pointer), and its encoding.
+struct Entry {
+    spec: Arc<ServiceSpec>,
+    workloads: Vec<Arc<crate::manifest::WorkloadSpec>>,
+    field: Arc<Vec<u8>>,
 }
 
 /// The services one namespace may call, encoded once as a `ServiceList`, and its SHA-256.
@@ -31,9 +39,49 @@ pub struct Visible {
 }
 
 impl ServiceTable {
-    pub fn new(state: &MeshState) -> ServiceTable {
+    /// Builds the table for `state`, reusing the encoding of every service whose spec and
+    /// selected workloads are the very same (`Arc`) values as in `previous`: a one-workload
+    /// change re-encodes one service.
+    pub fn new(state: &MeshState, previous: Option<&ServiceTable>) -> ServiceTable {
+        let reuse: HashMap<(&str, &str), &Entry> = previous
+            .filter(|p| p.trust_domain == state.trust_domain)
+            .map(|p| {
+                p.entries
+                    .iter()
+                    .map(|e| ((e.spec.namespace.as_str(), e.spec.name.as_str()), e))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let entries = state
+            .services
+            .values()
+            .map(|s| {
+                let workloads: Vec<_> = state.endpoint_arcs(s).cloned().collect();
+                let same = |e: &&&Entry| {
+                    Arc::ptr_eq(&e.spec, s)
+                        && e.workloads.len() == workloads.len()
+                        && e.workloads
+                            .iter()
+                            .zip(&workloads)
+                            .all(|(a, b)| Arc::ptr_eq(a, b))
+                };
+                let field = match reuse
+                    .get(&(s.namespace.as_str(), s.name.as_str()))
+                    .filter(same)
+                {
+                    Some(e) => e.field.clone(),
+                    None => Arc::new(encode_service(state, s, &workloads)),
+                };
+                Entry {
+                    spec: s.clone(),
+                    workloads,
+                    field,
+                }
+            })
+            .collect();
         ServiceTable {
-            entries: service_table(state),
+            entries,
+            trust_domain: state.trust_domain.clone(),
             visible: Mutex::new(HashMap::new()),
         }
     }
@@ -44,12 +92,12 @@ impl ServiceTable {
             .entry(namespace.to_string())
             .or_insert_with(|| {
                 let mut encoded = Vec::new();
-                for (_, field) in self
+                for e in self
                     .entries
                     .iter()
-                    .filter(|(s, _)| MeshState::visible(s, namespace))
+                    .filter(|e| MeshState::visible(&e.spec, namespace))
                 {
-                    encoded.extend_from_slice(field);
+                    encoded.extend_from_slice(&e.field);
                 }
                 let digest = ring::digest::digest(&SHA256, &encoded).as_ref().to_vec();
                 Arc::new(Visible {
@@ -61,53 +109,52 @@ impl ServiceTable {
     }
 }
 
-fn service_table(state: &MeshState) -> Vec<(Arc<ServiceSpec>, Vec<u8>)> {
-    state
-        .services
-        .values()
-        .map(|s| {
-            let mut endpoints = Vec::new();
-            for w in state.endpoints_of(s) {
-                let id = state
-                    .spiffe_id(w)
-                    .map(|i| i.to_string())
-                    .unwrap_or_default();
-                for p in &s.ports {
-                    let port = w
-                        .ports
-                        .get(&p.name)
-                        .copied()
-                        .or(p.target_port)
-                        .unwrap_or(p.number);
-                    endpoints.push(proto::Endpoint {
-                        address: std::net::SocketAddr::new(w.address, port).to_string(),
-                        port_name: p.name.clone(),
-                        spiffe_id: id.clone(),
-                        workload: w.workload.to_string(),
-                    });
-                }
-            }
-            let service = proto::Service {
-                host: s.hosts.first().cloned().unwrap_or_default(),
-                namespace: s.namespace.clone(),
-                name: s.name.clone(),
-                ports: s
-                    .ports
-                    .iter()
-                    .map(|p| proto::Port {
-                        number: u32::from(p.number),
-                        name: p.name.clone(),
-                        protocol: p.protocol.clone(),
-                    })
-                    .collect(),
-                endpoints,
-            };
-            // field 1 of ServiceList, length-delimited
-            let mut field = Vec::with_capacity(service.encoded_len() + 6);
-            prost::encoding::message::encode(1, &service, &mut field);
-            (s.clone(), field)
-        })
-        .collect()
+/// One service as field 1 of a `ServiceList` (tag, length, message).
+fn encode_service(
+    state: &MeshState,
+    s: &ServiceSpec,
+    workloads: &[Arc<crate::manifest::WorkloadSpec>],
+) -> Vec<u8> {
+    let mut endpoints = Vec::new();
+    for w in workloads {
+        // validated at load: no need to re-parse
+        let id = format!(
+            "spiffe://{}/ns/{}/sa/{}",
+            state.trust_domain, w.workload.namespace, w.service_account
+        );
+        for p in &s.ports {
+            let port = w
+                .ports
+                .get(&p.name)
+                .copied()
+                .or(p.target_port)
+                .unwrap_or(p.number);
+            endpoints.push(proto::Endpoint {
+                address: std::net::SocketAddr::new(w.address, port).to_string(),
+                port_name: p.name.clone(),
+                spiffe_id: id.clone(),
+                workload: w.workload.to_string(),
+            });
+        }
+    }
+    let service = proto::Service {
+        host: s.hosts.first().cloned().unwrap_or_default(),
+        namespace: s.namespace.clone(),
+        name: s.name.clone(),
+        ports: s
+            .ports
+            .iter()
+            .map(|p| proto::Port {
+                number: u32::from(p.number),
+                name: p.name.clone(),
+                protocol: p.protocol.clone(),
+            })
+            .collect(),
+        endpoints,
+    };
+    let mut field = Vec::with_capacity(service.encoded_len() + 6);
+    prost::encoding::message::encode(1, &service, &mut field);
+    field
 }
 
 /// The snapshot for `workload` (version 0: the caller stamps it) and a digest of its content,
