@@ -4,6 +4,7 @@
 //! Threading model: none; plain data and parsing. The generated gRPC code uses tonic types, but
 //! nothing here starts a runtime or does I/O.
 
+pub mod authz;
 pub mod identity;
 pub mod token;
 pub mod units;
