@@ -144,6 +144,8 @@ pub struct MeshState {
     /// Service → the workloads it selects (computed once per accepted set).
     #[serde(skip)]
     pub selected: BTreeMap<(String, String), Vec<WorkloadRef>>,
+    /// AuthorizationPolicies and PeerAuthentications, in (kind, namespace, name) order.
+    pub security: Vec<Security>,
 }
 
 mod secs {
@@ -295,6 +297,7 @@ pub fn load_dir(dir: &Path) -> Result<MeshState, Vec<ManifestError>> {
 #[derive(Debug, Clone, Default)]
 pub struct ParsedFile {
     mesh_config: Option<(String, MeshConfigSpec)>,
+    security: Securities,
     services: Services,
     workloads: Workloads,
     errors: Vec<ManifestError>,
@@ -324,6 +327,7 @@ pub fn parse_file(file: &str, text: &str) -> ParsedFile {
             &mut p.mesh_config,
             &mut p.services,
             &mut p.workloads,
+            &mut p.security,
         ) {
             p.errors.push(e);
         }
@@ -345,6 +349,7 @@ pub fn assemble<'a>(
     let mut mesh_config: Option<(String, MeshConfigSpec)> = None;
     let mut services: Services = BTreeMap::new();
     let mut workloads: Workloads = BTreeMap::new();
+    let mut security: Securities = BTreeMap::new();
     for p in files {
         errors.extend(p.errors.iter().cloned());
         if let Some((file, spec)) = &p.mesh_config {
@@ -365,6 +370,16 @@ pub fn assemble<'a>(
                     &format!("ServiceEntry {}/{}", k.0, k.1),
                     "metadata.name",
                     format!("duplicate ServiceEntry (also in {other})"),
+                ));
+            }
+        }
+        for (k, (file, v)) in &p.security {
+            if let Some((other, _)) = security.insert(k.clone(), (file.clone(), v.clone())) {
+                errors.push(err(
+                    file,
+                    &format!("{} {}/{}", k.0, k.1, k.2),
+                    "metadata.name",
+                    format!("duplicate {} (also in {other})", k.0),
                 ));
             }
         }
@@ -437,12 +452,14 @@ pub fn assemble<'a>(
     let services: BTreeMap<_, _> = services.into_iter().map(|(k, (_, v))| (k, v)).collect();
     let workloads: BTreeMap<_, _> = workloads.into_iter().map(|(k, (_, v))| (k, v)).collect();
     let selected = select(&services, &workloads);
+    let security = security.into_values().map(|(_, v)| v).collect();
     Ok(MeshState {
         trust_domain,
         cert_ttl,
         services,
         workloads,
         selected,
+        security,
     })
 }
 
@@ -493,6 +510,15 @@ fn err(file: &str, resource: &str, field: &str, reason: String) -> ManifestError
     }
 }
 
+/// A validated security resource, with its spec re-serialized as JSON for the snapshot (the
+/// proxy validates it again with the same code).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub enum Security {
+    Authz(Arc<weft_api::authz::Policy>, String),
+    PeerAuthn(Arc<weft_api::peerauthn::PeerAuthentication>, String),
+}
+
+type Securities = BTreeMap<(String, String, String), (String, Security)>;
 type Services = BTreeMap<(String, String), (String, Arc<ServiceSpec>)>;
 type Workloads = BTreeMap<WorkloadRef, (String, Arc<WorkloadSpec>)>;
 
@@ -520,6 +546,7 @@ fn parse_doc(
     mesh_config: &mut Option<(String, MeshConfigSpec)>,
     services: &mut Services,
     workloads: &mut Workloads,
+    security: &mut Securities,
 ) -> Result<(), ManifestError> {
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -614,12 +641,36 @@ fn parse_doc(
                 ));
             }
         }
+        "AuthorizationPolicy" | "PeerAuthentication" => {
+            want_version("security.istio.io/v1")?;
+            let item = if env.kind == "AuthorizationPolicy" {
+                let raw: weft_api::authz::RawPolicySpec = typed(file, &resource, "spec", env.spec)?;
+                let p = weft_api::authz::Policy::from_raw(&ns, &meta.name, &raw)
+                    .map_err(|e| err(file, &resource, &e.field, e.reason))?;
+                Security::Authz(Arc::new(p), serde_json::to_string(&raw).unwrap_or_default())
+            } else {
+                let raw: weft_api::peerauthn::RawPeerAuthenticationSpec =
+                    typed(file, &resource, "spec", env.spec)?;
+                let p = weft_api::peerauthn::PeerAuthentication::from_raw(&ns, &meta.name, &raw)
+                    .map_err(|e| err(file, &resource, &e.field, e.reason))?;
+                Security::PeerAuthn(Arc::new(p), serde_json::to_string(&raw).unwrap_or_default())
+            };
+            let key = (env.kind.clone(), ns.clone(), meta.name.clone());
+            if let Some((other, _)) = security.insert(key, (file.to_string(), item)) {
+                return Err(err(
+                    file,
+                    &resource,
+                    "metadata.name",
+                    format!("duplicate {} (also in {other})", env.kind),
+                ));
+            }
+        }
         other => {
             return Err(err(
                 file,
                 &resource,
                 "kind",
-                format!("`{other}` is not supported (MeshConfig, ServiceEntry, WorkloadEntry)"),
+                format!("`{other}` is not supported (MeshConfig, ServiceEntry, WorkloadEntry, AuthorizationPolicy, PeerAuthentication)"),
             ));
         }
     }
@@ -837,6 +888,29 @@ spec:
             m.spiffe_id(eps[0]).map(|i| i.to_string()).as_deref(),
             Some("spiffe://cluster.local/ns/prod/sa/checkout")
         );
+    }
+
+    #[test]
+    fn security_kinds() {
+        let sec = "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: checkout, namespace: prod}\n\
+                   spec:\n  selector: {matchLabels: {app: checkout}}\n  action: ALLOW\n  rules:\n  - from:\n    - source: {principals: [cluster.local/ns/prod/sa/order]}\n\
+                   ---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: prod}\nspec: {mtls: {mode: STRICT}}\n";
+        let m = set(&format!("{GOOD}{sec}")).unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(m.security.len(), 2);
+        let bad = sec.replace("action: ALLOW", "action: CUSTOM");
+        let errs = set(&format!("{GOOD}{bad}")).expect_err("CUSTOM");
+        let msg = errs
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(
+            msg.contains("AuthorizationPolicy prod/checkout") && msg.contains("spec.action"),
+            "{msg}"
+        );
+        let unknown = sec.replace("action: ALLOW", "action: ALLOW\n  provider: {name: x}");
+        let errs = set(&format!("{GOOD}{unknown}")).expect_err("provider");
+        assert!(errs[0].to_string().contains("provider"), "{:?}", errs);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use rustls_pki_types::CertificateDer;
 use weft_api::proto;
 use weft_api::WorkloadRef;
 
-use crate::manifest::{MeshState, ServiceSpec};
+use crate::manifest::{MeshState, Security, ServiceSpec};
 
 /// Every service of a mesh state in snapshot form, computed once per accepted state and shared
 /// by every proxy's push; the services visible from a namespace (and their digest) are computed
@@ -165,7 +165,9 @@ pub fn for_workload(
     bundle: &[CertificateDer<'static>],
     workload: &WorkloadRef,
 ) -> Option<(proto::Snapshot, Vec<u8>)> {
-    let me = state.workloads.get(workload)?;
+    let spec = state.workloads.get(workload)?;
+    let labels = spec.labels.clone();
+    let me = spec;
     let visible = table.visible(&workload.namespace);
     let me = proto::Workload {
         namespace: me.workload.namespace.clone(),
@@ -178,8 +180,37 @@ pub fn for_workload(
         address: me.address.to_string(),
         labels: me.labels.clone().into_iter().collect(),
     };
+    let security: Vec<proto::SecurityPolicy> = state
+        .security
+        .iter()
+        .filter_map(|sec| match sec {
+            Security::Authz(p, json) if p.applies_to(&workload.namespace, &labels) => {
+                Some(proto::SecurityPolicy {
+                    kind: "AuthorizationPolicy".into(),
+                    namespace: p.namespace.clone(),
+                    name: p.name.rsplit('/').next().unwrap_or_default().to_string(),
+                    spec_json: json.clone(),
+                })
+            }
+            Security::PeerAuthn(p, json)
+                if p.namespace == workload.namespace
+                    || p.namespace == weft_api::peerauthn::ROOT_NAMESPACE =>
+            {
+                Some(proto::SecurityPolicy {
+                    kind: "PeerAuthentication".into(),
+                    namespace: p.namespace.clone(),
+                    name: p.name.rsplit('/').next().unwrap_or_default().to_string(),
+                    spec_json: json.clone(),
+                })
+            }
+            _ => None,
+        })
+        .collect();
     let mut ctx = Context::new(&SHA256);
     ctx.update(&visible.digest);
+    for p in &security {
+        ctx.update(&p.encode_to_vec());
+    }
     ctx.update(&me.encode_to_vec());
     ctx.update(state.trust_domain.as_bytes());
     for c in bundle {
@@ -192,6 +223,7 @@ pub fn for_workload(
         service_list: visible.encoded.clone(),
         trust_bundle_der: bundle.iter().map(|c| c.to_vec()).collect(),
         trust_domain: state.trust_domain.clone(),
+        security,
     };
     Some((snap, ctx.finish().as_ref().to_vec()))
 }

@@ -196,6 +196,8 @@ async fn agent(
         clusters: Default::default(),
         limits: Limits::default(),
         workload: None,
+        authz: Vec::new(),
+        peer_authentications: Vec::new(),
     }));
     let cert = Rc::new(RefCell::new(None));
     let state = Rc::new(RefCell::new(AgentState {

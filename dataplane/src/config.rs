@@ -320,6 +320,8 @@ fn validate(file: &str, raw: RawConfig, version: u64) -> Result<Snapshot, Config
         clusters,
         limits,
         workload: None,
+        authz: Vec::new(),
+        peer_authentications: Vec::new(),
     })
 }
 

@@ -99,6 +99,33 @@ pub fn from_control(
             clusters.insert(name.clone(), cluster(name, endpoints, identities));
         }
     }
+    let mut authz = Vec::new();
+    let mut peer_authentications = Vec::new();
+    for p in &snap.security {
+        let what = format!("{} {}/{}", p.kind, p.namespace, p.name);
+        let bad = |e: String| format!("{what}: {e}");
+        match p.kind.as_str() {
+            "AuthorizationPolicy" => {
+                let raw = serde_json::from_str(&p.spec_json).map_err(|e| bad(e.to_string()))?;
+                authz.push(
+                    weft_api::authz::Policy::from_raw(&p.namespace, &p.name, &raw)
+                        .map_err(|e| bad(e.to_string()))?,
+                );
+            }
+            "PeerAuthentication" => {
+                let raw = serde_json::from_str(&p.spec_json).map_err(|e| bad(e.to_string()))?;
+                peer_authentications.push(
+                    weft_api::peerauthn::PeerAuthentication::from_raw(&p.namespace, &p.name, &raw)
+                        .map_err(|e| bad(e.to_string()))?,
+                );
+            }
+            other => {
+                return Err(format!(
+                    "{what}: kind `{other}` is not supported by this proxy"
+                ))
+            }
+        }
+    }
     Ok(Snapshot {
         version: snap.version,
         source: source.to_string(),
@@ -123,6 +150,8 @@ pub fn from_control(
         clusters,
         limits: Limits::default(),
         workload: Some(format!("{}/{}", workload.namespace, workload.name)),
+        authz,
+        peer_authentications,
     })
 }
 
@@ -159,6 +188,7 @@ mod tests {
             .into(),
             trust_bundle_der: vec![],
             trust_domain: "cluster.local".into(),
+            security: vec![],
         }
     }
 
@@ -184,6 +214,25 @@ mod tests {
             vec!["spiffe://cluster.local/ns/prod/sa/checkout".to_string()]
         );
         assert_eq!(s.clusters["inbound|app"].endpoints, vec![sidecar().app]);
+    }
+
+    #[test]
+    fn security_policies_are_validated_again() {
+        let mut snap = snap("HTTP");
+        snap.security = vec![proto::SecurityPolicy {
+            kind: "AuthorizationPolicy".into(),
+            namespace: "prod".into(),
+            name: "checkout-allow".into(),
+            spec_json: r#"{"rules": [{"from": [{"source": {"principals": ["cluster.local/ns/prod/sa/order"]}}]}]}"#.into(),
+        }];
+        let s = from_control(&snap, &sidecar(), "control").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(s.authz.len(), 1);
+        snap.security[0].spec_json = r#"{"action": "CUSTOM"}"#.into();
+        let e = from_control(&snap, &sidecar(), "control").expect_err("CUSTOM");
+        assert!(
+            e.contains("AuthorizationPolicy prod/checkout-allow") && e.contains("spec.action"),
+            "{e}"
+        );
     }
 
     #[test]

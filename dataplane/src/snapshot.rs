@@ -23,6 +23,12 @@ pub struct Snapshot {
     /// The workload this sidecar serves (`namespace/name`), in control-plane mode.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub workload: Option<String>,
+    /// AuthorizationPolicies that apply to this workload (control-plane mode).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub authz: Vec<weft_api::authz::Policy>,
+    /// PeerAuthentications of the workload's namespace and the root namespace.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub peer_authentications: Vec<weft_api::peerauthn::PeerAuthentication>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

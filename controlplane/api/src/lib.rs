@@ -6,6 +6,7 @@
 
 pub mod authz;
 pub mod identity;
+pub mod peerauthn;
 pub mod token;
 pub mod units;
 
