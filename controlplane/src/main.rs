@@ -143,15 +143,8 @@ fn serve(
         )
         .with_writer(std::io::stderr)
         .init();
-    let state = manifest::load_dir(&config).map_err(|errs| {
-        anyhow::anyhow!(
-            "{}",
-            errs.iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join("\n")
-        )
-    })?;
+    let state = manifest::load_dir(&config)
+        .map_err(|errs| anyhow::anyhow!("{}", manifest::report(&errs)))?;
     std::fs::create_dir_all(&data_dir).with_context(|| format!("{}", data_dir.display()))?;
     let ca = Ca::open_or_init(&data_dir)?;
     server::save_state(&data_dir, &state);
@@ -219,15 +212,8 @@ fn mint(
 ) -> anyhow::Result<()> {
     let (td, sa, default_ttl) = match config {
         Some(dir) => {
-            let state = manifest::load_dir(dir).map_err(|errs| {
-                anyhow::anyhow!(
-                    "{}",
-                    errs.iter()
-                        .map(ToString::to_string)
-                        .collect::<Vec<_>>()
-                        .join("\n")
-                )
-            })?;
+            let state = manifest::load_dir(dir)
+                .map_err(|errs| anyhow::anyhow!("{}", manifest::report(&errs)))?;
             let w = state
                 .workloads
                 .get(workload)

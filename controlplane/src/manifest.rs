@@ -258,6 +258,15 @@ pub fn load_dir_cached(dir: &Path, cache: &mut DirCache) -> Result<MeshState, Ve
     assemble(cache.files.values().map(|(_, f)| f))
 }
 
+/// All errors of a rejected set, one per line (for logs, the admin page and the CLI).
+pub fn report(errors: &[ManifestError]) -> String {
+    errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// Reads every `*.yaml`/`*.yml` file of `dir` (sorted) and validates the set.
 pub fn load_dir(dir: &Path) -> Result<MeshState, Vec<ManifestError>> {
     let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {

@@ -461,11 +461,7 @@ pub async fn watch_loop(
                     }
                 }
                 Err(errors) => {
-                    let text = errors
-                        .iter()
-                        .map(ToString::to_string)
-                        .collect::<Vec<_>>()
-                        .join("\n");
+                    let text = manifest::report(&errors);
                     error!("manifests rejected, still serving the last good set:\n{text}");
                     *lock(&shared.last_error) = Some(text);
                 }

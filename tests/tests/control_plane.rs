@@ -86,6 +86,25 @@ fn workloads() -> Vec<Wl> {
     ]
 }
 
+/// Apps and sidecars for prod/checkout-1 (1 core) and prod/order-1 (`order_cores`); the
+/// checkout app answers `checkout`.
+fn order_and_checkout(
+    control: &Control,
+    wls: &[Wl],
+    order_cores: usize,
+) -> ([Origin; 2], Sidecar, Sidecar) {
+    let apps = [Origin::fixed("checkout"), Origin::fixed("order")];
+    let checkout = Sidecar::start(control, "prod/checkout-1", wls[1].inbound, apps[0].addr, 1);
+    let order = Sidecar::start(
+        control,
+        "prod/order-1",
+        wls[0].inbound,
+        apps[1].addr,
+        order_cores,
+    );
+    (apps, checkout, order)
+}
+
 #[test]
 fn join_tokens_prove_exactly_one_identity_once() {
     let control = Control::start(&mesh_yaml("1h", &workloads(), ""));
@@ -295,15 +314,7 @@ fn sidecars_get_identity_config_and_survive_control_plane_outages() {
 fn manifest_changes_reach_every_core_and_bad_sets_or_nacks_keep_the_last_good() {
     let mut wls = workloads();
     let control = Control::start(&mesh_yaml("1h", &wls, ""));
-    let app = Origin::fixed("checkout");
-    let _checkout = Sidecar::start(&control, "prod/checkout-1", wls[1].inbound, app.addr, 1);
-    let order = Sidecar::start(
-        &control,
-        "prod/order-1",
-        wls[0].inbound,
-        Origin::fixed("o").addr,
-        2,
-    );
+    let (_apps, _checkout, order) = order_and_checkout(&control, &wls, 2);
     let v1 = order.proxy.version();
 
     // a new WorkloadEntry reaches every core of the running proxy
@@ -437,15 +448,7 @@ fn root_rotation_keeps_both_roots_trusted_until_retire() {
 fn a_sidecar_renews_under_load_without_failing_a_request() {
     let wls = workloads();
     let control = Control::start(&mesh_yaml("20s", &wls, ""));
-    let app = Origin::fixed("ok");
-    let _checkout = Sidecar::start(&control, "prod/checkout-1", wls[1].inbound, app.addr, 1);
-    let order = Sidecar::start(
-        &control,
-        "prod/order-1",
-        wls[0].inbound,
-        Origin::fixed("o").addr,
-        1,
-    );
+    let (_apps, _checkout, order) = order_and_checkout(&control, &wls, 1);
     let first_serial = order.certs()["serial"].as_str().unwrap().to_string();
     let stop = Arc::new(AtomicBool::new(false));
     let (load, ok, failed) = background_load(
