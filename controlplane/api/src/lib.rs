@@ -7,6 +7,7 @@
 pub mod authz;
 pub mod identity;
 pub mod peerauthn;
+pub mod svid;
 pub mod token;
 pub mod units;
 
