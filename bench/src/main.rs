@@ -17,6 +17,7 @@ use hdrhistogram::Histogram;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+mod authz;
 mod push;
 
 #[derive(Debug, Parser)]
@@ -77,6 +78,12 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Authorization decisions per second (10 / 1000 / 10000 rules; reference, compiled, cached).
+    Authz {
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 1.0)]
+        seconds: f64,
+    },
     /// A fixed-response HTTP/1.1 server to stand as the app.
     Origin {
         #[arg(long, default_value = "127.0.0.1:18080")]
@@ -95,6 +102,9 @@ enum Cmd {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Cmd::Authz { seconds } = args.cmd {
+        return authz::run(seconds);
+    }
     if let Cmd::Push {
         services,
         workloads,
@@ -117,7 +127,7 @@ fn main() -> anyhow::Result<()> {
     }
     let threads = match &args.cmd {
         Cmd::Load { threads, .. } | Cmd::Origin { threads, .. } => (*threads).max(1),
-        Cmd::Push { .. } => 1,
+        Cmd::Push { .. } | Cmd::Authz { .. } => 1,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)
@@ -141,7 +151,7 @@ fn main() -> anyhow::Result<()> {
                 body,
                 ..
             } => origin(listen, body.unwrap_or_else(|| "x".repeat(body_bytes))).await,
-            Cmd::Push { .. } => Ok(()), // handled before the runtime starts
+            Cmd::Push { .. } | Cmd::Authz { .. } => Ok(()), // handled before the runtime starts
         }
     })
 }

@@ -14,6 +14,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod authz;
 pub mod config;
 pub mod control;
 pub mod core;
