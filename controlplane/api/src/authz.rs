@@ -474,7 +474,8 @@ impl Condition {
 }
 
 impl Rule {
-    fn matches(&self, r: &Request<'_>) -> bool {
+    /// Does the request match this rule (all of from, to and when)?
+    pub fn matches(&self, r: &Request<'_>) -> bool {
         (self.from.is_empty() || self.from.iter().any(|s| s.matches(r)))
             && (self.to.is_empty() || self.to.iter().any(|o| o.matches(r)))
             && self.when.iter().all(|c| c.matches(r))
