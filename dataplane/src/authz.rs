@@ -30,7 +30,8 @@ struct Indexed {
 pub struct Compiled {
     policies: Vec<Indexed>,
     cacheable: bool,
-    cache: RefCell<HashMap<CacheKey, Decision>>,
+    /// hash of the key → entries with that hash (collisions are compared field by field).
+    cache: RefCell<HashMap<u64, Vec<(CacheKey, Decision)>>>,
 }
 
 impl Compiled {
@@ -107,14 +108,26 @@ impl Compiled {
         if !self.cacheable {
             return self.evaluate(r);
         }
-        let key = (
-            r.principal.map(str::to_string),
-            r.host.to_string(),
-            r.port,
-            r.method.to_string(),
-            r.path.to_string(),
-        );
-        if let Some(d) = self.cache.borrow().get(&key) {
+        // look up by a hash of the borrowed fields; allocate the owned key only on a miss
+        let hash = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (r.principal, r.host, r.port, r.method, r.path).hash(&mut h);
+            h.finish()
+        };
+        let same = |k: &CacheKey| {
+            k.0.as_deref() == r.principal
+                && k.1 == r.host
+                && k.2 == r.port
+                && k.3 == r.method
+                && k.4 == r.path
+        };
+        if let Some((_, d)) = self
+            .cache
+            .borrow()
+            .get(&hash)
+            .and_then(|v| v.iter().find(|(k, _)| same(k)))
+        {
             return d.clone();
         }
         let d = self.evaluate(r);
@@ -122,7 +135,14 @@ impl Compiled {
         if cache.len() >= CACHE_ENTRIES {
             cache.clear();
         }
-        cache.insert(key, d.clone());
+        let key = (
+            r.principal.map(str::to_string),
+            r.host.to_string(),
+            r.port,
+            r.method.to_string(),
+            r.path.to_string(),
+        );
+        cache.entry(hash).or_default().push((key, d.clone()));
         d
     }
 
