@@ -6,7 +6,6 @@
 //! per connection in an hdrhistogram (microseconds) and merged at the end.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -62,22 +61,7 @@ enum Cmd {
     },
     /// Config-push propagation: manifest change → every proxy ACKed (real weft-control and
     /// weft-proxy processes).
-    Push {
-        #[arg(long, default_value_t = 1000)]
-        services: usize,
-        #[arg(long, default_value_t = 5000)]
-        workloads: usize,
-        #[arg(long, default_value_t = 10)]
-        proxies: usize,
-        #[arg(long, default_value_t = 100)]
-        changes: usize,
-        #[arg(long, default_value = "target/release/weft-control")]
-        control_bin: PathBuf,
-        #[arg(long, default_value = "target/release/weft-proxy")]
-        proxy_bin: PathBuf,
-        #[arg(long)]
-        json: bool,
-    },
+    Push(push::PushArgs),
     /// Authorization decisions per second (10 / 1000 / 10000 rules; reference, compiled, cached).
     Authz {
         /// Seconds per measurement.
@@ -105,29 +89,12 @@ fn main() -> anyhow::Result<()> {
     if let Cmd::Authz { seconds } = args.cmd {
         return authz::run(seconds);
     }
-    if let Cmd::Push {
-        services,
-        workloads,
-        proxies,
-        changes,
-        control_bin,
-        proxy_bin,
-        json,
-    } = args.cmd
-    {
-        return push::run(push::PushArgs {
-            services,
-            workloads,
-            proxies,
-            changes,
-            control_bin,
-            proxy_bin,
-            json,
-        });
+    if let Cmd::Push(push_args) = args.cmd {
+        return push::run(push_args);
     }
     let threads = match &args.cmd {
         Cmd::Load { threads, .. } | Cmd::Origin { threads, .. } => (*threads).max(1),
-        Cmd::Push { .. } | Cmd::Authz { .. } => 1,
+        Cmd::Push(_) | Cmd::Authz { .. } => 1,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)
@@ -151,7 +118,7 @@ fn main() -> anyhow::Result<()> {
                 body,
                 ..
             } => origin(listen, body.unwrap_or_else(|| "x".repeat(body_bytes))).await,
-            Cmd::Push { .. } | Cmd::Authz { .. } => Ok(()), // handled before the runtime starts
+            Cmd::Push(_) | Cmd::Authz { .. } => Ok(()), // handled before the runtime starts
         }
     })
 }

@@ -13,13 +13,22 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use hdrhistogram::Histogram;
 
+#[derive(Debug, clap::Args)]
 pub struct PushArgs {
+    #[arg(long, default_value_t = 1000)]
     pub services: usize,
+    #[arg(long, default_value_t = 5000)]
     pub workloads: usize,
+    #[arg(long, default_value_t = 10)]
     pub proxies: usize,
+    #[arg(long, default_value_t = 100)]
     pub changes: usize,
+    #[arg(long, default_value = "target/release/weft-control")]
     pub control_bin: PathBuf,
+    #[arg(long, default_value = "target/release/weft-proxy")]
     pub proxy_bin: PathBuf,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
     pub json: bool,
 }
 

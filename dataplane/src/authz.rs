@@ -10,7 +10,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 
-use weft_api::authz::{Action, ConditionKey, Decision, Pattern, Policy, Request};
+use weft_api::authz::{decide_by, ConditionKey, Decision, Pattern, Policy, Request};
 
 /// Decisions kept per core before the cache is cleared (bounded memory, no LRU bookkeeping).
 const CACHE_ENTRIES: usize = 65_536;
@@ -149,57 +149,20 @@ impl Compiled {
     /// Evaluation without the cache, through the principal index, in Istio's order (the same
     /// as `weft_api::authz::evaluate`, which the tests compare against).
     pub fn evaluate(&self, r: &Request<'_>) -> Decision {
-        let hit = |ix: &Indexed| {
-            let by_name = r
-                .principal
-                .and_then(|p| ix.by_principal.get(p))
-                .map_or(&[][..], Vec::as_slice);
-            ix.generic
-                .iter()
-                .chain(by_name)
-                .any(|i| ix.policy.rules[*i].matches(r))
-        };
-        let audited = self
-            .policies
-            .iter()
-            .filter(|ix| ix.policy.action == Action::Audit && hit(ix))
-            .map(|ix| ix.policy.name.clone())
-            .collect();
-        if let Some(ix) = self
-            .policies
-            .iter()
-            .find(|ix| ix.policy.action == Action::Deny && hit(ix))
-        {
-            return Decision {
-                allowed: false,
-                policy: Some(ix.policy.name.clone()),
-                audited,
-            };
-        }
-        let mut allows = self
-            .policies
-            .iter()
-            .filter(|ix| ix.policy.action == Action::Allow)
-            .peekable();
-        if allows.peek().is_none() {
-            return Decision {
-                allowed: true,
-                policy: None,
-                audited,
-            };
-        }
-        match allows.find(|ix| hit(ix)) {
-            Some(ix) => Decision {
-                allowed: true,
-                policy: Some(ix.policy.name.clone()),
-                audited,
+        decide_by(
+            &self.policies,
+            |ix| &ix.policy,
+            |ix| {
+                let by_name = r
+                    .principal
+                    .and_then(|n| ix.by_principal.get(n))
+                    .map_or(&[][..], Vec::as_slice);
+                ix.generic
+                    .iter()
+                    .chain(by_name)
+                    .any(|i| ix.policy.rules[*i].matches(r))
             },
-            None => Decision {
-                allowed: false,
-                policy: None,
-                audited,
-            },
-        }
+        )
     }
 }
 

@@ -86,6 +86,14 @@ fn workloads() -> Vec<Wl> {
     ]
 }
 
+/// order's app reaches checkout through order's sidecar.
+fn assert_reaches_checkout(order: &Sidecar) {
+    let r = order
+        .call("checkout.prod.svc.cluster.local", "/")
+        .expect("response");
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
 /// Apps and sidecars for prod/checkout-1 (1 core) and prod/order-1 (`order_cores`); the
 /// checkout app answers `checkout`.
 fn order_and_checkout(
@@ -286,13 +294,7 @@ fn sidecars_get_identity_config_and_survive_control_plane_outages() {
     // the control plane goes away: traffic keeps flowing on the last snapshot
     control.kill();
     for _ in 0..5 {
-        assert_eq!(
-            order
-                .call("checkout.prod.svc.cluster.local", "/")
-                .unwrap()
-                .status,
-            200
-        );
+        assert_reaches_checkout(&order);
     }
     // it comes back: both sidecars reconnect by themselves
     control.launch();
@@ -300,13 +302,7 @@ fn sidecars_get_identity_config_and_survive_control_plane_outages() {
         (control.proxy("prod/order-1").is_some() && control.proxy("prod/checkout-1").is_some())
             .then_some(())
     });
-    assert_eq!(
-        order
-            .call("checkout.prod.svc.cluster.local", "/")
-            .unwrap()
-            .status,
-        200
-    );
+    assert_reaches_checkout(&order);
     drop(checkout);
 }
 
@@ -365,13 +361,7 @@ fn manifest_changes_reach_every_core_and_bad_sets_or_nacks_keep_the_last_good() 
     );
     assert!(control.log_text().contains("manifests rejected"));
     assert_eq!(order.proxy.version(), v2);
-    assert_eq!(
-        order
-            .call("checkout.prod.svc.cluster.local", "/")
-            .unwrap()
-            .status,
-        200
-    );
+    assert_reaches_checkout(&order);
 
     // a snapshot the proxy cannot serve is NACKed: it stays on its version, the reason shows
     let udp = "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: dns, namespace: prod}\n\
@@ -395,13 +385,7 @@ fn manifest_changes_reach_every_core_and_bad_sets_or_nacks_keep_the_last_good() 
         v2,
         "the proxy keeps serving its previous snapshot"
     );
-    assert_eq!(
-        order
-            .call("checkout.prod.svc.cluster.local", "/")
-            .unwrap()
-            .status,
-        200
-    );
+    assert_reaches_checkout(&order);
 }
 
 #[test]

@@ -494,25 +494,35 @@ pub struct Decision {
 
 /// Evaluates `policies` (already narrowed to the workload) in Istio's order.
 pub fn evaluate(policies: &[Policy], r: &Request<'_>) -> Decision {
-    let audited = policies
-        .iter()
-        .filter(|p| p.action == Action::Audit && p.rules.iter().any(|rule| rule.matches(r)))
-        .map(|p| p.name.clone())
+    decide_by(
+        policies,
+        |p| p,
+        |p| p.rules.iter().any(|rule| rule.matches(r)),
+    )
+}
+
+/// Istio's order over `items` (each holding a policy), where `hit` says whether any rule of an
+/// item matches the request — the one place that order is written, for the reference evaluator
+/// and for compiled per-core tables alike.
+pub fn decide_by<T>(
+    items: &[T],
+    policy: impl Fn(&T) -> &Policy,
+    hit: impl Fn(&T) -> bool,
+) -> Decision {
+    let policy = &policy;
+    let with = |action: Action| items.iter().filter(move |t| policy(t).action == action);
+    let audited = with(Action::Audit)
+        .filter(|t| hit(t))
+        .map(|t| policy(t).name.clone())
         .collect();
-    if let Some(p) = policies
-        .iter()
-        .find(|p| p.action == Action::Deny && p.rules.iter().any(|rule| rule.matches(r)))
-    {
+    if let Some(t) = with(Action::Deny).find(|t| hit(t)) {
         return Decision {
             allowed: false,
-            policy: Some(p.name.clone()),
+            policy: Some(policy(t).name.clone()),
             audited,
         };
     }
-    let mut allows = policies
-        .iter()
-        .filter(|p| p.action == Action::Allow)
-        .peekable();
+    let mut allows = with(Action::Allow).peekable();
     if allows.peek().is_none() {
         return Decision {
             allowed: true,
@@ -520,10 +530,10 @@ pub fn evaluate(policies: &[Policy], r: &Request<'_>) -> Decision {
             audited,
         };
     }
-    match allows.find(|p| p.rules.iter().any(|rule| rule.matches(r))) {
-        Some(p) => Decision {
+    match allows.find(|t| hit(t)) {
+        Some(t) => Decision {
             allowed: true,
-            policy: Some(p.name.clone()),
+            policy: Some(policy(t).name.clone()),
             audited,
         },
         None => Decision {
