@@ -81,6 +81,10 @@ enum Cmd {
         /// Runtime worker threads.
         #[arg(long, default_value_t = 1)]
         threads: usize,
+        /// Append the request's path and its x-forwarded-client-cert (who called, as the
+        /// inbound sidecar says) to each response body: the demo apps.
+        #[arg(long)]
+        echo: bool,
     },
 }
 
@@ -116,8 +120,9 @@ fn main() -> anyhow::Result<()> {
                 listen,
                 body_bytes,
                 body,
+                echo,
                 ..
-            } => origin(listen, body.unwrap_or_else(|| "x".repeat(body_bytes))).await,
+            } => origin(listen, body.unwrap_or_else(|| "x".repeat(body_bytes)), echo).await,
             Cmd::Push(_) | Cmd::Authz { .. } => Ok(()), // handled before the runtime starts
         }
     })
@@ -314,11 +319,12 @@ async fn exchange(s: &mut TcpStream, request: &[u8], buf: &mut [u8]) -> anyhow::
     }
 }
 
-async fn origin(listen: SocketAddr, body: String) -> anyhow::Result<()> {
+async fn origin(listen: SocketAddr, body: String, echo: bool) -> anyhow::Result<()> {
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("bind {listen}"))?;
     let body_bytes = body.len();
+    let text = Arc::new(body.clone());
     let response = Arc::new(
         format!("HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {body_bytes}\r\n\r\n{body}").into_bytes(),
     );
@@ -326,6 +332,7 @@ async fn origin(listen: SocketAddr, body: String) -> anyhow::Result<()> {
     loop {
         let (mut s, _) = listener.accept().await?;
         let response = response.clone();
+        let text = text.clone();
         tokio::spawn(async move {
             let _ = s.set_nodelay(true);
             let mut buf = vec![0u8; 16 * 1024];
@@ -356,7 +363,27 @@ async fn origin(listen: SocketAddr, body: String) -> anyhow::Result<()> {
                                 break; // wait for the body (small bodies only)
                             }
                             start += n + body;
-                            if s.write_all(&response).await.is_err() {
+                            let echoed;
+                            let out: &[u8] = if echo {
+                                let xfcc = req
+                                    .headers
+                                    .iter()
+                                    .find(|h| {
+                                        h.name.eq_ignore_ascii_case("x-forwarded-client-cert")
+                                    })
+                                    .map_or("(none)".into(), |h| {
+                                        String::from_utf8_lossy(h.value).into_owned()
+                                    });
+                                let b = format!(
+                                    "{text}\npath: {}\nx-forwarded-client-cert: {xfcc}\n",
+                                    req.path.unwrap_or("")
+                                );
+                                echoed = format!("HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{b}", b.len());
+                                echoed.as_bytes()
+                            } else {
+                                &response
+                            };
+                            if s.write_all(out).await.is_err() {
                                 return;
                             }
                         }

@@ -19,6 +19,7 @@ use crate::control::{self, Applied, Certified, ControlOptions};
 use crate::core::{CoreEvent, CoreMsg};
 use crate::mesh::{self, Sidecar};
 use crate::snapshot::{Limits, Snapshot};
+use crate::tls::TlsMaterial;
 
 /// How long the agent waits for every core to apply the first snapshot.
 const FIRST_APPLY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -181,6 +182,35 @@ pub fn run(
     local.block_on(&rt, agent(opts, first, cores, events))
 }
 
+/// Sends every core the current certificate and trust bundle, if they changed since last time.
+fn sync_tls(
+    state: &Rc<RefCell<AgentState>>,
+    cert: &Rc<RefCell<Option<Rc<control::Certified>>>>,
+    last: &mut Option<Rc<control::Certified>>,
+) {
+    let Some(c) = cert.borrow().clone() else {
+        return;
+    };
+    if last.as_ref().is_some_and(|l| Rc::ptr_eq(l, &c)) {
+        return;
+    }
+    let trust_domain = c
+        .spiffe_id
+        .parse::<weft_api::SpiffeId>()
+        .map(|id| id.trust_domain)
+        .unwrap_or_default();
+    let material = Arc::new(TlsMaterial {
+        chain: c.chain.clone(),
+        key_der: c.key_der.clone(),
+        bundle: c.bundle.clone(),
+        trust_domain,
+        spiffe_id: c.spiffe_id.clone(),
+    });
+    info!(spiffe_id = %c.spiffe_id, serial = %c.serial, "workload certificate / trust bundle to every core");
+    state.borrow().broadcast(|| CoreMsg::Tls(material.clone()));
+    *last = Some(c);
+}
+
 async fn agent(
     opts: AgentOptions,
     first: Option<Snapshot>,
@@ -244,6 +274,9 @@ async fn agent(
     // control-plane mode: snapshots arrive from the control task, ACK/NACKs go back to it
     let (updates_tx, mut updates_rx) = mpsc::unbounded_channel::<weft_api::proto::Snapshot>();
     let (applied_tx, applied_rx) = mpsc::unbounded_channel::<Applied>();
+    let (cert_tx, mut cert_rx) = mpsc::unbounded_channel::<()>();
+    // the certificate the cores' TLS configs were last built from
+    let mut tls_from: Option<Rc<control::Certified>> = None;
     let (config_path, sidecar) = match &opts.source {
         Source::File(p) => (Some(p.clone()), None),
         Source::Control {
@@ -254,7 +287,8 @@ async fn agent(
                 c.clone(),
                 updates_tx,
                 applied_rx,
-                cert,
+                cert.clone(),
+                cert_tx,
                 n as u32,
             ));
             info!(control = %c.address, "waiting for the control plane");
@@ -294,8 +328,11 @@ async fn agent(
                     }
                 }
             }
+            Some(()) = cert_rx.recv() => sync_tls(&state, &cert, &mut tls_from),
             Some(update) = updates_rx.recv() => {
                 let Some((sidecar, source)) = &sidecar else { continue };
+                // a trust bundle that came with this snapshot reaches the cores before it
+                sync_tls(&state, &cert, &mut tls_from);
                 let version = update.version;
                 match mesh::from_control(&update, sidecar, source) {
                     Ok(snap) => {

@@ -310,6 +310,7 @@ fn validate(file: &str, raw: RawConfig, version: u64) -> Result<Snapshot, Config
             name: l.name.clone(),
             address,
             kind,
+            mtls: None,
         });
     }
 

@@ -356,12 +356,14 @@ fn backoff(attempt: u32) -> Duration {
 }
 
 /// Runs the control-plane client until the agent stops. Snapshots go to `updates`; the agent's
-/// ACK/NACKs come back on `applied`; the current certificate is published in `cert`.
+/// ACK/NACKs come back on `applied`; the current certificate is published in `cert`, and
+/// `cert_changed` hears of every new certificate or trust bundle (the data path's TLS follows).
 pub async fn run(
     opts: ControlOptions,
     updates: mpsc::UnboundedSender<proto::Snapshot>,
     mut applied: mpsc::UnboundedReceiver<Applied>,
     cert: Rc<RefCell<Option<Rc<Certified>>>>,
+    cert_changed: mpsc::UnboundedSender<()>,
     cores: u32,
 ) {
     let token = match std::fs::read_to_string(&opts.token_file) {
@@ -406,6 +408,7 @@ pub async fn run(
     };
     info!(spiffe_id = %first.spiffe_id, not_after = %rfc3339(first.not_after), "certificate issued");
     *cert.borrow_mut() = Some(Rc::new(first));
+    let _ = cert_changed.send(());
 
     // 2. stream snapshots over mTLS; renew at half-life; reconnect with backoff
     let mut attempt = 0;
@@ -457,8 +460,10 @@ pub async fn run(
                 msg = inbound.message() => match msg {
                     Ok(Some(snap)) => {
                         attempt = 0;
-                        if !snap.trust_bundle_der.is_empty() {
-                            update_bundle(&cert, &snap.trust_bundle_der);
+                        if !snap.trust_bundle_der.is_empty()
+                            && update_bundle(&cert, &snap.trust_bundle_der)
+                        {
+                            let _ = cert_changed.send(());
                         }
                         let _ = updates.send(snap);
                     }
@@ -479,6 +484,7 @@ pub async fn run(
                         Ok(c) => {
                             info!(not_after = %rfc3339(c.not_after), "certificate renewed");
                             *cert.borrow_mut() = Some(Rc::new(c));
+                            let _ = cert_changed.send(());
                             renew_jitter = jitter();
                         }
                         Err(e) => {
@@ -502,7 +508,8 @@ fn current_renew_in(cert: &Rc<RefCell<Option<Rc<Certified>>>>, jitter: f64) -> u
         .map_or(60, |c| (c.renew_at(jitter) - now_secs()).max(0) as u64)
 }
 
-fn update_bundle(cert: &Rc<RefCell<Option<Rc<Certified>>>>, bundle: &[Vec<u8>]) {
+/// Takes a new trust bundle; returns whether it changed.
+fn update_bundle(cert: &Rc<RefCell<Option<Rc<Certified>>>>, bundle: &[Vec<u8>]) -> bool {
     let mut slot = cert.borrow_mut();
     if let Some(c) = slot.as_ref() {
         let new: Vec<CertificateDer<'static>> = bundle
@@ -520,6 +527,8 @@ fn update_bundle(cert: &Rc<RefCell<Option<Rc<Certified>>>>, bundle: &[Vec<u8>]) 
                 serial: c.serial.clone(),
                 received: c.received,
             }));
+            return true;
         }
     }
+    false
 }

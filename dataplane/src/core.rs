@@ -11,17 +11,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, TryRecvError};
-use glommio::net::TcpListener;
+use glommio::net::{TcpListener, TcpStream};
 use glommio::Task;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
+use weft_api::peerauthn::Mode;
 
+use crate::authz::Compiled;
 use crate::drain::Drain;
 use crate::lb::RoundRobin;
 use crate::metrics::{ClusterCounters, CoreMetrics, CoreReport, ListenerCounters};
 use crate::pool::Pool;
 use crate::route::RouteTable;
 use crate::snapshot::{Cluster, Limits, Listener, ListenerKind, Snapshot};
+use crate::tls::{self, Accepted, CoreTls, Stream, TlsMaterial};
 use crate::{proxy, tcp};
 
 /// How often an idle core looks at its control channel. Bounds config-push latency per core.
@@ -33,6 +36,9 @@ const POOL_SWEEP: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub enum CoreMsg {
     Apply(Arc<Snapshot>),
+    /// A new workload certificate or trust bundle: rebuild this core's rustls configs (their
+    /// session caches start empty) and drop pooled mTLS connections.
+    Tls(Arc<TlsMaterial>),
     Stats(oneshot::Sender<CoreReport>),
     /// Stop accepting, finish in-flight requests, then stop the executor.
     Drain,
@@ -66,6 +72,8 @@ pub struct Tables {
     pub limits: Limits,
     pub http: HashMap<String, RouteTable<Rc<ClusterState>>>,
     pub tcp: HashMap<String, Rc<ClusterState>>,
+    /// The workload's AuthorizationPolicies, compiled for this core (inbound listeners only).
+    pub authz: Compiled,
 }
 
 impl Tables {
@@ -104,6 +112,7 @@ impl Tables {
             limits: s.limits.clone(),
             http,
             tcp,
+            authz: Compiled::new(&s.authz),
         }
     }
 }
@@ -112,6 +121,9 @@ impl Tables {
 pub struct ListenerCtx {
     pub name: String,
     pub counters: Rc<ListenerCounters>,
+    /// Sidecar inbound: the mTLS mode (authorization and XFCC apply too).
+    pub mtls: Option<Mode>,
+    pub port: u16,
 }
 
 struct Bound {
@@ -126,6 +138,8 @@ pub struct Core {
     pub pool: Pool,
     pub metrics: CoreMetrics,
     pub drain: Drain,
+    /// This core's rustls configs, once the workload has a certificate.
+    tls: RefCell<Option<Rc<CoreTls>>>,
     /// Downstream connections open on this core.
     pub active: Cell<usize>,
     rng: Cell<u64>,
@@ -145,11 +159,13 @@ impl Core {
                 limits: Limits::default(),
                 http: HashMap::new(),
                 tcp: HashMap::new(),
+                authz: Compiled::new(&[]),
             })),
             listeners: RefCell::new(HashMap::new()),
             pool: Pool::default(),
             metrics: CoreMetrics::default(),
             drain: Drain::default(),
+            tls: RefCell::new(None),
             active: Cell::new(0),
             rng: Cell::new(seed | 1),
         }
@@ -158,6 +174,10 @@ impl Core {
     /// The tables new requests use; a request keeps the `Rc` it took until it completes.
     pub fn tables(&self) -> Rc<Tables> {
         self.tables.borrow().clone()
+    }
+
+    pub fn tls(&self) -> Option<Rc<CoreTls>> {
+        self.tls.borrow().clone()
     }
 
     /// xorshift64*: per-core, for request IDs and jitter (not for secrets).
@@ -241,6 +261,8 @@ impl Core {
         let ctx = Rc::new(ListenerCtx {
             name: spec.name.clone(),
             counters: self.metrics.listener(&spec.name),
+            mtls: spec.mtls,
+            port: spec.address.port(),
         });
         let core = self.clone();
         let is_http = matches!(spec.kind, ListenerKind::Http { .. });
@@ -266,10 +288,12 @@ impl Core {
                 ctx.counters.opened();
                 let (core2, ctx2) = (core.clone(), ctx.clone());
                 glommio::spawn_local(async move {
-                    if is_http {
-                        proxy::serve(&core2, &ctx2, stream).await;
-                    } else {
-                        tcp::serve(&core2, &ctx2, stream).await;
+                    if let Some(conn) = core2.handshake(&ctx2, stream).await {
+                        if is_http {
+                            proxy::serve(&core2, &ctx2, conn).await;
+                        } else {
+                            tcp::serve(&core2, &ctx2, conn).await;
+                        }
                     }
                     ctx2.counters.closed();
                     core2.active.set(core2.active.get() - 1);
@@ -284,6 +308,35 @@ impl Core {
                 _accept: accept,
             },
         );
+    }
+
+    /// The inbound handshake of a sidecar listener (plaintext elsewhere); failures are counted
+    /// by reason and close the connection.
+    async fn handshake(&self, ctx: &ListenerCtx, stream: TcpStream) -> Option<Accepted> {
+        let _ = stream.set_nodelay(true);
+        let Some(mode) = ctx.mtls else {
+            return Some(Accepted {
+                stream: Stream::Plain(stream),
+                peer: None,
+                resumed: None,
+            });
+        };
+        let tls = self.tls();
+        let timeout = self.tables().limits.header_read_timeout;
+        let peer = stream.peer_addr().ok();
+        match tls::accept(stream, tls.as_deref(), mode, timeout).await {
+            Ok(a) => {
+                if let Some(resumed) = a.resumed {
+                    self.metrics.handshake("inbound", resumed);
+                }
+                Some(a)
+            }
+            Err(e) => {
+                self.metrics.handshake_failed("inbound", e.reason);
+                debug!(core = self.id, listener = %ctx.name, ?peer, "inbound handshake refused: {e}");
+                None
+            }
+        }
     }
 
     fn sweep_pool(&self) {
@@ -326,6 +379,17 @@ pub async fn run(id: usize, rx: Receiver<CoreMsg>, events: mpsc::UnboundedSender
                     error: result.err(),
                 });
             }
+            Ok(CoreMsg::Tls(m)) => match CoreTls::build(&m) {
+                Ok(t) => {
+                    debug!(core = id, spiffe_id = %m.spiffe_id, "tls configs rebuilt");
+                    *core.tls.borrow_mut() = Some(Rc::new(t));
+                    core.pool.clear();
+                }
+                Err(e) => warn!(
+                    core = id,
+                    "tls material rejected, keeping the previous: {e}"
+                ),
+            },
             Ok(CoreMsg::Stats(reply)) => {
                 let _ = reply.send(core.metrics.report(id, core.tables().version));
             }

@@ -89,8 +89,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> BufConn<S> {
         Ok(n)
     }
 
+    /// Writes and flushes (a TLS stream holds records until flushed).
     pub async fn write_all(&mut self, bytes: &[u8]) -> Result<(), IoError> {
         self.io.write_all(bytes).await?;
+        self.io.flush().await?;
         Ok(())
     }
 }

@@ -10,7 +10,8 @@
 //!
 //! In control-plane mode the agent also runs the control client (`control`): join-token
 //! bootstrap, SVID renewal and the snapshot stream; `mesh` turns those snapshots into listeners
-//! and clusters. What it is not (yet): mTLS on the data path and authorization (next issue).
+//! and clusters; `tls` holds each core's rustls configs and the inbound/outbound mTLS handshakes,
+//! `authz` the per-core compiled AuthorizationPolicies.
 
 pub mod admin;
 pub mod agent;
@@ -30,3 +31,4 @@ pub mod route;
 pub mod snapshot;
 pub mod sys;
 pub mod tcp;
+pub mod tls;

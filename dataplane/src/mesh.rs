@@ -126,6 +126,44 @@ pub fn from_control(
             }
         }
     }
+    // the inbound port speaks what the workload's own service ports declare: TCP when every
+    // one of them is TCP, HTTP otherwise
+    let me = format!("{}/{}", workload.namespace, workload.name);
+    let own: Vec<&str> = list
+        .services
+        .iter()
+        .flat_map(|s| {
+            s.endpoints
+                .iter()
+                .filter(|e| e.workload == me)
+                .filter_map(move |e| s.ports.iter().find(|p| p.name == e.port_name))
+        })
+        .map(|p| p.protocol.as_str())
+        .collect();
+    let inbound_kind = if !own.is_empty() && own.iter().all(|p| *p == "TCP") {
+        ListenerKind::Tcp {
+            cluster: "inbound|app".into(),
+        }
+    } else {
+        ListenerKind::Http {
+            routes: vec![Route {
+                hosts: vec![HostMatch::Any],
+                path: PathMatch::Prefix("/".into()),
+                cluster: "inbound|app".into(),
+            }],
+        }
+    };
+    let labels: std::collections::BTreeMap<String, String> = workload
+        .labels
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let mode = weft_api::peerauthn::effective_mode(
+        &peer_authentications,
+        &workload.namespace,
+        &labels,
+        sidecar.inbound.port(),
+    );
     Ok(Snapshot {
         version: snap.version,
         source: source.to_string(),
@@ -133,18 +171,14 @@ pub fn from_control(
             Listener {
                 name: "inbound".into(),
                 address: sidecar.inbound,
-                kind: ListenerKind::Http {
-                    routes: vec![Route {
-                        hosts: vec![HostMatch::Any],
-                        path: PathMatch::Prefix("/".into()),
-                        cluster: "inbound|app".into(),
-                    }],
-                },
+                kind: inbound_kind,
+                mtls: Some(mode),
             },
             Listener {
                 name: "outbound".into(),
                 address: sidecar.outbound,
                 kind: ListenerKind::Http { routes },
+                mtls: None,
             },
         ],
         clusters,

@@ -101,6 +101,12 @@ pub struct CoreMetrics {
     requests: Cell<u64>,
     buckets: [Cell<u64>; DURATION_BUCKETS.len()],
     duration_sum_us: Cell<u64>,
+    /// (side, full|resumed) → handshakes.
+    handshakes: RefCell<BTreeMap<(&'static str, &'static str), u64>>,
+    /// (side, reason) → failed handshakes.
+    handshake_failures: RefCell<BTreeMap<(&'static str, &'static str), u64>>,
+    /// policy ("" when no policy decided) → [allow, deny, audit].
+    authz: RefCell<std::collections::HashMap<String, [u64; 3]>>,
 }
 
 impl CoreMetrics {
@@ -134,8 +140,51 @@ impl CoreMetrics {
         inc(&self.duration_sum_us, elapsed.as_micros() as u64);
     }
 
+    pub fn handshake(&self, side: &'static str, resumed: bool) {
+        let kind = if resumed { "resumed" } else { "full" };
+        *self
+            .handshakes
+            .borrow_mut()
+            .entry((side, kind))
+            .or_default() += 1;
+    }
+
+    pub fn handshake_failed(&self, side: &'static str, reason: &'static str) {
+        *self
+            .handshake_failures
+            .borrow_mut()
+            .entry((side, reason))
+            .or_default() += 1;
+    }
+
+    /// Counts an authorization decision under the policy that made it, and each AUDIT match.
+    pub fn authz(&self, d: &weft_api::authz::Decision) {
+        let mut m = self.authz.borrow_mut();
+        let name = d.policy.as_deref().unwrap_or("");
+        let slot = if d.allowed { 0 } else { 1 };
+        match m.get_mut(name) {
+            Some(v) => v[slot] += 1,
+            None => {
+                let mut v = [0; 3];
+                v[slot] = 1;
+                m.insert(name.to_string(), v);
+            }
+        }
+        for a in &d.audited {
+            m.entry(a.clone()).or_default()[2] += 1;
+        }
+    }
+
     pub fn report(&self, core: usize, version: u64) -> CoreReport {
         CoreReport {
+            handshakes: self.handshakes.borrow().clone(),
+            handshake_failures: self.handshake_failures.borrow().clone(),
+            authz: self
+                .authz
+                .borrow()
+                .iter()
+                .map(|(k, v)| (k.clone(), *v))
+                .collect(),
             core,
             version,
             requests: self.requests.get(),
@@ -197,6 +246,9 @@ pub struct CoreReport {
     pub duration_sum_us: u64,
     pub listeners: BTreeMap<String, ListenerReport>,
     pub clusters: BTreeMap<String, ClusterReport>,
+    pub handshakes: BTreeMap<(&'static str, &'static str), u64>,
+    pub handshake_failures: BTreeMap<(&'static str, &'static str), u64>,
+    pub authz: BTreeMap<String, [u64; 3]>,
 }
 
 /// Renders the Prometheus text exposition of all cores' reports.
@@ -325,6 +377,64 @@ pub fn render(reports: &[CoreReport], extra: &str) -> String {
         "counter",
         "Requests refused with 503 because the cluster's per-core connection limit was reached.",
         per_cluster(&|c| c.overflow),
+    );
+    let mut handshakes: BTreeMap<(&str, &str), u64> = BTreeMap::new();
+    let mut failures: BTreeMap<(&str, &str), u64> = BTreeMap::new();
+    let mut authz: BTreeMap<&str, [u64; 3]> = BTreeMap::new();
+    for r in reports {
+        for (k, v) in &r.handshakes {
+            *handshakes.entry(*k).or_default() += v;
+        }
+        for (k, v) in &r.handshake_failures {
+            *failures.entry(*k).or_default() += v;
+        }
+        for (k, v) in &r.authz {
+            let t = authz.entry(k).or_default();
+            for i in 0..3 {
+                t[i] += v[i];
+            }
+        }
+    }
+    family(
+        "weft_tls_handshakes_total",
+        "counter",
+        "Completed TLS handshakes, by side (inbound, outbound) and kind (full, resumed).",
+        handshakes
+            .iter()
+            .map(|((side, kind), v)| (format!("side=\"{side}\",kind=\"{kind}\""), v.to_string()))
+            .collect(),
+    );
+    family(
+        "weft_tls_handshake_failures_total",
+        "counter",
+        "Failed or refused TLS handshakes, by side and reason.",
+        failures
+            .iter()
+            .map(|((side, reason), v)| {
+                (
+                    format!("side=\"{side}\",reason=\"{reason}\""),
+                    v.to_string(),
+                )
+            })
+            .collect(),
+    );
+    let mut rows = Vec::new();
+    for (policy, v) in &authz {
+        for (i, d) in ["allow", "deny", "audit"].iter().enumerate() {
+            if v[i] > 0 {
+                rows.push((
+                    format!("policy=\"{policy}\",decision=\"{d}\""),
+                    v[i].to_string(),
+                ));
+            }
+        }
+    }
+    family(
+        "weft_authz_decisions_total",
+        "counter",
+        "Authorization decisions on inbound requests and connections, by deciding policy \
+         (empty: no policy applies, or no ALLOW matched) and decision.",
+        rows,
     );
     family(
         "weft_core_requests_total",

@@ -5,11 +5,10 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use glommio::net::TcpStream;
-
 use crate::io::BufConn;
+use crate::tls::Stream;
 
-pub type Upstream = BufConn<TcpStream>;
+pub type Upstream = BufConn<Stream>;
 
 #[derive(Default)]
 pub struct Pool {

@@ -15,6 +15,7 @@ use crate::core::{ClusterState, Core, ListenerCtx, Tables};
 use crate::http::{self, BodyKind, ChunkedDecoder, ChunkedError, RequestHead, ResponseHead};
 use crate::io::{deadline, BufConn, IoError};
 use crate::pool::Upstream;
+use crate::tls::{self, Accepted, Peer, Stream};
 
 /// The largest response head weft accepts from an upstream (bytes).
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
@@ -44,6 +45,12 @@ pub enum ProxyError {
     BadBody(ChunkedError),
     #[error("downstream closed or stalled mid-request")]
     DownstreamGone,
+    #[error("upstream TLS handshake failed: {0}")]
+    Tls(String),
+    #[error("upstream secure naming check failed: {0}")]
+    SecureNaming(String),
+    #[error("no workload certificate yet for an mTLS upstream")]
+    NoCertificate,
 }
 
 impl ProxyError {
@@ -51,11 +58,13 @@ impl ProxyError {
     pub fn status(&self) -> u16 {
         match self {
             ProxyError::NoRoute => 404,
-            ProxyError::NoEndpoint | ProxyError::Overflow => 503,
+            ProxyError::NoEndpoint | ProxyError::Overflow | ProxyError::NoCertificate => 503,
             ProxyError::ConnectRefused
             | ProxyError::Connect(_)
             | ProxyError::UpstreamReset
-            | ProxyError::UpstreamProtocol => 502,
+            | ProxyError::UpstreamProtocol
+            | ProxyError::Tls(_)
+            | ProxyError::SecureNaming(_) => 502,
             ProxyError::ConnectTimeout | ProxyError::UpstreamTimeout => 504,
             ProxyError::BadBody(_) => 400,
             ProxyError::DownstreamGone => 0,
@@ -68,9 +77,11 @@ impl ProxyError {
             ProxyError::NoRoute => "NR",
             ProxyError::NoEndpoint => "UH",
             ProxyError::Overflow => "UO",
-            ProxyError::ConnectRefused | ProxyError::ConnectTimeout | ProxyError::Connect(_) => {
-                "UF"
-            }
+            ProxyError::ConnectRefused
+            | ProxyError::ConnectTimeout
+            | ProxyError::Connect(_)
+            | ProxyError::NoCertificate => "UF",
+            ProxyError::Tls(_) | ProxyError::SecureNaming(_) => "UF,URX",
             ProxyError::UpstreamReset => "UC",
             ProxyError::UpstreamTimeout => "UT",
             ProxyError::UpstreamProtocol => "UPE",
@@ -110,10 +121,10 @@ enum HeadRead {
 }
 
 /// Serves one downstream connection until it closes, errs, idles out or the core drains.
-pub async fn serve(core: &Rc<Core>, ctx: &Rc<ListenerCtx>, stream: TcpStream) {
-    let peer = stream.peer_addr().ok();
-    let _ = stream.set_nodelay(true);
-    let mut down = BufConn::new(stream, core.tables().limits.buffer_bytes);
+pub async fn serve(core: &Rc<Core>, ctx: &Rc<ListenerCtx>, conn: Accepted) {
+    let peer = conn.stream.tcp().peer_addr().ok();
+    let caller = conn.peer;
+    let mut down = BufConn::new(conn.stream, core.tables().limits.buffer_bytes);
     let mut first = true;
     loop {
         if !first && down.buffered().is_empty() {
@@ -135,7 +146,11 @@ pub async fn serve(core: &Rc<Core>, ctx: &Rc<ListenerCtx>, stream: TcpStream) {
         };
         first = false;
         let started = Instant::now();
-        let keep = exchange(core, ctx, &tables, &mut down, &head, peer).await;
+        let from = Downstream {
+            addr: peer,
+            caller: caller.as_deref(),
+        };
+        let keep = exchange(core, ctx, &tables, &mut down, &head, &from).await;
         core.metrics.request_done(started.elapsed());
         if !keep {
             return;
@@ -146,7 +161,7 @@ pub async fn serve(core: &Rc<Core>, ctx: &Rc<ListenerCtx>, stream: TcpStream) {
 async fn read_head(
     core: &Core,
     tables: &Tables,
-    down: &mut BufConn<TcpStream>,
+    down: &mut BufConn<Stream>,
     first: bool,
 ) -> HeadRead {
     let l = &tables.limits;
@@ -198,7 +213,7 @@ async fn read_head(
 
 /// Writes a locally generated response; returns whether the connection may stay open.
 async fn reply(
-    down: &mut BufConn<TcpStream>,
+    down: &mut BufConn<Stream>,
     ctx: &ListenerCtx,
     status: u16,
     why: &str,
@@ -224,22 +239,50 @@ async fn exchange(
     core: &Rc<Core>,
     ctx: &Rc<ListenerCtx>,
     tables: &Tables,
-    down: &mut BufConn<TcpStream>,
+    down: &mut BufConn<Stream>,
     head: &RequestHead,
-    peer: Option<SocketAddr>,
+    from: &Downstream<'_>,
 ) -> bool {
     ctx.counters.add_in(head_len_estimate(head));
+    // a body left unread means the connection cannot carry another request
+    let unread_body = |head: &RequestHead| head.body != BodyKind::None || !head.keep_alive;
+    let mut target = None;
+    if ctx.mtls.is_some() {
+        match inbound_checks(core, ctx, tables, head, from) {
+            Ok(t) => target = t,
+            Err((status, why)) => {
+                if status == 400 {
+                    ctx.counters.bad_request(400);
+                }
+                debug!(core = core.id, listener = %ctx.name, method = head.method(), path = head.path(), status, "request refused: {why}");
+                return reply(down, ctx, status, why, unread_body(head)).await;
+            }
+        }
+    }
+    let path = target
+        .as_deref()
+        .map_or(head.path(), |t| t.split_once('?').map_or(t, |(p, _)| p));
     let route = tables
         .http
         .get(&ctx.name)
-        .and_then(|t| t.find(head.host(), head.path()));
+        .and_then(|t| t.find(head.host(), path));
     let mut state = State {
         body_done: head.body == BodyKind::None,
         response_started: false,
     };
     let result = match route {
         None => Err(ProxyError::NoRoute),
-        Some(cluster) => forward(core, ctx, tables, cluster, down, head, peer, &mut state).await,
+        Some(cluster) => {
+            let up = UpstreamHead {
+                target: target.as_deref().unwrap_or(head.target()),
+                from,
+                xfcc: match (ctx.mtls, from.caller) {
+                    (Some(_), Some(caller)) => core.tls().map(|t| tls::xfcc(&t.spiffe_id, caller)),
+                    _ => None,
+                },
+            };
+            forward(core, ctx, tables, cluster, down, head, &up, &mut state).await
+        }
     };
     match result {
         Ok(keep) => keep && head.keep_alive && !core.drain.is_fired(),
@@ -248,13 +291,19 @@ async fn exchange(
                 match e {
                     ProxyError::ConnectRefused
                     | ProxyError::ConnectTimeout
-                    | ProxyError::Connect(_) => c.counters.connect_error(),
+                    | ProxyError::Connect(_)
+                    | ProxyError::Tls(_)
+                    | ProxyError::SecureNaming(_) => c.counters.connect_error(),
                     ProxyError::UpstreamTimeout => c.counters.timeout(),
                     ProxyError::Overflow => c.counters.overflowed(),
                     _ => {}
                 }
             }
-            debug!(core = core.id, listener = %ctx.name, method = head.method(), path = head.path(), flag = e.flag(), "request failed: {e}");
+            if let ProxyError::Tls(_) | ProxyError::SecureNaming(_) = e {
+                tracing::warn!(core = core.id, listener = %ctx.name, host = head.host(), flag = e.flag(), "request failed: {e}");
+            } else {
+                debug!(core = core.id, listener = %ctx.name, method = head.method(), path = head.path(), flag = e.flag(), "request failed: {e}");
+            }
             if state.response_started || e.status() == 0 {
                 return false;
             }
@@ -265,6 +314,72 @@ async fn exchange(
             reply(down, ctx, e.status(), &e.to_string(), close).await
         }
     }
+}
+
+/// Who sent the request: the address, and the verified identity on an mTLS connection.
+struct Downstream<'a> {
+    addr: Option<SocketAddr>,
+    caller: Option<&'a Peer>,
+}
+
+/// What the upstream request head is built from, besides the downstream head.
+struct UpstreamHead<'a> {
+    /// The target to send: the normalized one on a sidecar's inbound listener.
+    target: &'a str,
+    from: &'a Downstream<'a>,
+    /// `x-forwarded-client-cert` to set (inbound, with a verified caller).
+    xfcc: Option<String>,
+}
+
+/// A sidecar inbound's checks before routing: path normalization, then authorization. Returns
+/// the normalized target when it differs from the one received, or the status and reason.
+fn inbound_checks(
+    core: &Core,
+    ctx: &ListenerCtx,
+    tables: &Tables,
+    head: &RequestHead,
+    from: &Downstream<'_>,
+) -> Result<Option<String>, (u16, &'static str)> {
+    let raw_path = head.path();
+    let normalized = weft_api::authz::normalize_path(raw_path).map_err(|e| {
+        (
+            400,
+            match e {
+                weft_api::authz::PathError::EncodedSeparator => {
+                    "encoded slash or backslash in path"
+                }
+                weft_api::authz::PathError::BadEncoding => "invalid percent-encoding in path",
+                weft_api::authz::PathError::NotAbsolute => "path must start with /",
+            },
+        )
+    })?;
+    if !tables.authz.is_empty() {
+        let header = |name: &str| {
+            head.headers()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+                .and_then(|(_, v)| std::str::from_utf8(http::trim(v)).ok())
+        };
+        let r = weft_api::authz::Request {
+            principal: from.caller.map(|p| p.principal.as_str()),
+            namespace: from.caller.map(|p| p.namespace.as_str()),
+            source_ip: from.addr.map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip()),
+            host: head.host(),
+            port: ctx.port,
+            method: head.method(),
+            path: &normalized,
+            header: &header,
+        };
+        let d = tables.authz.decide(&r);
+        core.metrics.authz(&d);
+        if !d.allowed {
+            return Err((403, "RBAC: access denied"));
+        }
+    }
+    if normalized == raw_path {
+        return Ok(None);
+    }
+    let query = &head.target()[raw_path.len()..];
+    Ok(Some(format!("{normalized}{query}")))
 }
 
 struct State {
@@ -281,11 +396,12 @@ fn head_len_estimate(head: &RequestHead) -> u64 {
 
 /// Builds the request head sent upstream: hop-by-hop headers removed, framing normalized,
 /// `x-forwarded-for` appended, `x-request-id` added when absent.
-fn upstream_head(core: &Core, head: &RequestHead, peer: Option<SocketAddr>) -> Vec<u8> {
+fn upstream_head(core: &Core, head: &RequestHead, up: &UpstreamHead<'_>) -> Vec<u8> {
+    let peer = up.from.addr;
     let mut out = Vec::with_capacity(512);
     out.extend_from_slice(head.method().as_bytes());
     out.push(b' ');
-    out.extend_from_slice(head.target().as_bytes());
+    out.extend_from_slice(up.target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let conn_tokens = head.connection_tokens();
     let mut xff: Option<Vec<u8>> = None;
@@ -294,6 +410,8 @@ fn upstream_head(core: &Core, head: &RequestHead, peer: Option<SocketAddr>) -> V
         if http::is_hop_by_hop(name, &conn_tokens)
             || name.eq_ignore_ascii_case(b"content-length")
             || name.eq_ignore_ascii_case(b"expect")
+            // only an inbound sidecar says who called, from the verified certificate
+            || name.eq_ignore_ascii_case(b"x-forwarded-client-cert")
         {
             continue;
         }
@@ -327,6 +445,11 @@ fn upstream_head(core: &Core, head: &RequestHead, peer: Option<SocketAddr>) -> V
     if let Some(v) = xff {
         out.extend_from_slice(b"x-forwarded-for: ");
         out.extend_from_slice(&v);
+        out.extend_from_slice(b"\r\n");
+    }
+    if let Some(v) = &up.xfcc {
+        out.extend_from_slice(b"x-forwarded-client-cert: ");
+        out.extend_from_slice(v.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
     if !has_id {
@@ -390,11 +513,45 @@ impl std::fmt::Write for StrBuf<'_> {
     }
 }
 
-async fn connect(
+/// Opens a connection to `addr` for `spec`: mTLS with secure naming when the cluster names the
+/// identities allowed to serve it (a mesh service), plaintext otherwise.
+pub async fn connect_upstream(
+    core: &Core,
+    spec: &crate::snapshot::Cluster,
     addr: SocketAddr,
-    timeout: Duration,
-    buffer: usize,
-) -> Result<Upstream, ProxyError> {
+) -> Result<Stream, ProxyError> {
+    let tcp = connect_tcp(addr, spec.connect_timeout).await?;
+    if spec.identities.is_empty() {
+        return Ok(Stream::Plain(tcp));
+    }
+    let Some(t) = core.tls() else {
+        return Err(ProxyError::NoCertificate);
+    };
+    match tls::connect(tcp, &t, addr, &spec.identities, spec.connect_timeout).await {
+        Ok((stream, resumed)) => {
+            core.metrics.handshake("outbound", resumed);
+            Ok(stream)
+        }
+        Err(e) => {
+            core.metrics.handshake_failed("outbound", e.reason);
+            Err(if e.reason == "secure_naming" {
+                ProxyError::SecureNaming(e.detail)
+            } else {
+                ProxyError::Tls(e.to_string())
+            })
+        }
+    }
+}
+
+/// Whether a pooled connection may serve `spec`: TLS to the identities it names, or plaintext.
+pub fn fits(stream: &Stream, spec: &crate::snapshot::Cluster) -> bool {
+    match stream.server_identity() {
+        Some(id) => spec.identities.iter().any(|a| a == id),
+        None => spec.identities.is_empty(),
+    }
+}
+
+async fn connect_tcp(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ProxyError> {
     let stream = deadline(timeout, async {
         TcpStream::connect(addr)
             .await
@@ -408,7 +565,7 @@ async fn connect(
         IoError::Eof | IoError::Full => ProxyError::UpstreamReset,
     })?;
     let _ = stream.set_nodelay(true);
-    Ok(BufConn::new(stream, buffer))
+    Ok(stream)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -417,9 +574,9 @@ async fn forward(
     ctx: &ListenerCtx,
     tables: &Tables,
     cluster: &Rc<ClusterState>,
-    down: &mut BufConn<TcpStream>,
+    down: &mut BufConn<Stream>,
     head: &RequestHead,
-    peer: Option<SocketAddr>,
+    up_head: &UpstreamHead<'_>,
     state: &mut State,
 ) -> Result<bool, ProxyError> {
     let l = &tables.limits;
@@ -469,7 +626,7 @@ async fn forward(
         _ => {}
     }
 
-    let mut out = upstream_head(core, head, peer);
+    let mut out = upstream_head(core, head, up_head);
     out.extend_from_slice(&pending);
     // a reused connection may have been closed by the upstream while idle: one retry on a fresh
     // connection is safe while no part of a streamed body has been sent
@@ -477,11 +634,17 @@ async fn forward(
     let mut attempt = 0;
     let (mut up, resp) = loop {
         attempt += 1;
-        let pooled = core.pool.take(endpoint, spec.idle_timeout);
+        let pooled = core
+            .pool
+            .take(endpoint, spec.idle_timeout)
+            .filter(|c| fits(&c.io, spec));
         let reused = pooled.is_some();
         let mut up = match pooled {
             Some(c) => c,
-            None => connect(endpoint, spec.connect_timeout, l.buffer_bytes).await?,
+            None => BufConn::new(
+                connect_upstream(core, spec, endpoint).await?,
+                l.buffer_bytes,
+            ),
         };
         cluster.counters.request();
         let may_retry = reused && retry_safe && attempt == 1;
@@ -701,7 +864,8 @@ async fn write<W: AsyncWrite + Unpin>(
     idle: Duration,
 ) -> Result<(), CopyError> {
     deadline(idle, async {
-        to.write_all(bytes).await.map_err(IoError::Io)
+        to.write_all(bytes).await.map_err(IoError::Io)?;
+        to.flush().await.map_err(IoError::Io)
     })
     .await
     .map_err(|_| CopyError::Write)

@@ -37,6 +37,11 @@ pub struct Listener {
     pub address: SocketAddr,
     #[serde(flatten)]
     pub kind: ListenerKind,
+    /// A sidecar's inbound listener: the mTLS mode its PeerAuthentications give this port.
+    /// Such a listener also enforces the workload's AuthorizationPolicies and tells the app who
+    /// called (`x-forwarded-client-cert`). None: a plain listener (edge, or sidecar outbound).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mtls: Option<weft_api::peerauthn::Mode>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -1,22 +1,47 @@
 //! The TCP proxy: bidirectional copy with half-close, connect timeout and idle timeout.
 
 use std::cell::{Cell, RefCell};
-use std::io::ErrorKind;
 use std::rc::Rc;
 use std::time::Instant;
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
-use glommio::net::TcpStream;
 use tracing::debug;
 
 use crate::core::{Core, ListenerCtx};
-use crate::io::{deadline, Half, IoError};
+use crate::io::Half;
+use crate::proxy::ProxyError;
+use crate::tls::{Accepted, Stream};
 
 /// Serves one TCP connection: connect upstream (round robin), then copy both ways. Each
 /// direction forwards EOF as a half-close; the session ends when both directions are done or
 /// no byte has moved for the idle timeout.
-pub async fn serve(core: &Rc<Core>, ctx: &Rc<ListenerCtx>, stream: TcpStream) {
+pub async fn serve(core: &Rc<Core>, ctx: &Rc<ListenerCtx>, conn: Accepted) {
     let tables = core.tables();
+    let stream = conn.stream;
+    if ctx.mtls.is_some() && !tables.authz.is_empty() {
+        // a sidecar's inbound TCP port: the policy sees the caller and the port only (an ALLOW
+        // rule naming HTTP attributes never matches a TCP connection)
+        let caller = conn.peer.as_deref();
+        let r = weft_api::authz::Request {
+            principal: caller.map(|p| p.principal.as_str()),
+            namespace: caller.map(|p| p.namespace.as_str()),
+            source_ip: stream
+                .tcp()
+                .peer_addr()
+                .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |a| a.ip()),
+            host: "",
+            port: ctx.port,
+            method: "",
+            path: "",
+            header: &|_| None,
+        };
+        let d = tables.authz.decide(&r);
+        core.metrics.authz(&d);
+        if !d.allowed {
+            debug!(core = core.id, listener = %ctx.name, "RBAC: access denied; closing");
+            return;
+        }
+    }
     let Some(cluster) = tables.tcp.get(&ctx.name).cloned() else {
         return;
     };
@@ -27,26 +52,16 @@ pub async fn serve(core: &Rc<Core>, ctx: &Rc<ListenerCtx>, stream: TcpStream) {
     };
     let endpoint = spec.endpoints[i];
     cluster.counters.request();
-    let up = match deadline(spec.connect_timeout, async {
-        TcpStream::connect(endpoint)
-            .await
-            .map_err(|e| IoError::Io(e.into()))
-    })
-    .await
-    {
+    let up = match crate::proxy::connect_upstream(core, spec, endpoint).await {
         Ok(s) => s,
         Err(e) => {
             cluster.counters.connect_error();
-            if let IoError::Io(e) = &e {
-                if e.kind() != ErrorKind::ConnectionRefused {
-                    debug!(core = core.id, listener = %ctx.name, %endpoint, "connect failed: {e}");
-                }
+            if !matches!(e, ProxyError::ConnectRefused) {
+                debug!(core = core.id, listener = %ctx.name, %endpoint, "connect failed: {e}");
             }
             return;
         }
     };
-    let _ = stream.set_nodelay(true);
-    let _ = up.set_nodelay(true);
     cluster.active.set(cluster.active.get() + 1);
     let down = Half(Rc::new(RefCell::new(stream)));
     let up = Half(Rc::new(RefCell::new(up)));
@@ -81,8 +96,8 @@ pub async fn serve(core: &Rc<Core>, ctx: &Rc<ListenerCtx>, stream: TcpStream) {
 
 /// Copies `from` → `to` until EOF (then half-closes `to`) or an error.
 async fn pump(
-    mut from: Half<TcpStream>,
-    mut to: Half<TcpStream>,
+    mut from: Half<Stream>,
+    mut to: Half<Stream>,
     last: Rc<Cell<Instant>>,
     buffer: usize,
     count: impl Fn(u64),
@@ -94,7 +109,7 @@ async fn pump(
             Ok(n) => n,
         };
         last.set(Instant::now());
-        if to.write_all(&buf[..n]).await.is_err() {
+        if to.write_all(&buf[..n]).await.is_err() || to.flush().await.is_err() {
             return;
         }
         count(n as u64);
