@@ -145,6 +145,9 @@ pub async fn serve(core: &Rc<Core>, ctx: &Rc<ListenerCtx>, conn: Accepted) {
             }
         };
         first = false;
+        // the tables of now, not of when the wait for this request began: a snapshot applied
+        // while the connection was idle (routes, policies) governs the request
+        let tables = core.tables();
         let started = Instant::now();
         let from = Downstream {
             addr: peer,

@@ -227,12 +227,7 @@ pub async fn accept(
         }
     };
     let tls = tls.ok_or_else(|| failed("no_workload_certificate", "no certificate"))?;
-    let handshake = async {
-        acceptor
-            .accept(tcp)
-            .await
-            .map_err(crate::io::IoError::Io)
-    };
+    let handshake = async { acceptor.accept(tcp).await.map_err(crate::io::IoError::Io) };
     let s = match crate::io::deadline(timeout, handshake).await {
         Ok(s) => s,
         Err(crate::io::IoError::Io(e)) => return Err(classify(&e)),

@@ -511,55 +511,7 @@ impl Client {
 
     /// Reads one response (any framing); None when the connection closed first.
     pub fn response(&mut self) -> Option<Response> {
-        let line = read_line(&mut self.r)?;
-        let status: u16 = line.get(9..12)?.parse().ok()?;
-        let mut headers = HashMap::new();
-        loop {
-            let h = read_line(&mut self.r)?;
-            let h = h.trim_end_matches(['\r', '\n']);
-            if h.is_empty() {
-                break;
-            }
-            let (n, v) = h.split_once(':')?;
-            headers.insert(n.trim().to_ascii_lowercase(), v.trim().to_string());
-        }
-        let mut body = Vec::new();
-        if (100..200).contains(&status) {
-            return Some(Response {
-                status,
-                headers,
-                body,
-            });
-        }
-        if headers
-            .get("transfer-encoding")
-            .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
-        {
-            loop {
-                let size = read_line(&mut self.r)?;
-                let size = usize::from_str_radix(size.trim(), 16).ok()?;
-                if size == 0 {
-                    read_line(&mut self.r)?;
-                    break;
-                }
-                let mut chunk = vec![0; size + 2];
-                self.r.read_exact(&mut chunk).ok()?;
-                body.extend_from_slice(&chunk[..size]);
-            }
-        } else if let Some(n) = headers
-            .get("content-length")
-            .and_then(|v| v.parse::<usize>().ok())
-        {
-            body.resize(n, 0);
-            self.r.read_exact(&mut body).ok()?;
-        } else {
-            self.r.read_to_end(&mut body).ok()?;
-        }
-        Some(Response {
-            status,
-            headers,
-            body,
-        })
+        read_response(&mut self.r)
     }
 
     /// True when the server has closed the connection (EOF or reset) within `within`; false
@@ -580,6 +532,59 @@ impl Client {
     pub fn shutdown_write(&self) {
         let _ = self.w.shutdown(Shutdown::Write);
     }
+}
+
+/// Reads one HTTP/1.1 response (any framing); None when the connection closed first.
+pub fn read_response(r: &mut impl BufRead) -> Option<Response> {
+    let line = read_line(r)?;
+    let status: u16 = line.get(9..12)?.parse().ok()?;
+    let mut headers = HashMap::new();
+    loop {
+        let h = read_line(r)?;
+        let h = h.trim_end_matches(['\r', '\n']);
+        if h.is_empty() {
+            break;
+        }
+        let (n, v) = h.split_once(':')?;
+        headers.insert(n.trim().to_ascii_lowercase(), v.trim().to_string());
+    }
+    let mut body = Vec::new();
+    if (100..200).contains(&status) {
+        return Some(Response {
+            status,
+            headers,
+            body,
+        });
+    }
+    if headers
+        .get("transfer-encoding")
+        .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
+    {
+        loop {
+            let size = read_line(r)?;
+            let size = usize::from_str_radix(size.trim(), 16).ok()?;
+            if size == 0 {
+                read_line(r)?;
+                break;
+            }
+            let mut chunk = vec![0; size + 2];
+            r.read_exact(&mut chunk).ok()?;
+            body.extend_from_slice(&chunk[..size]);
+        }
+    } else if let Some(n) = headers
+        .get("content-length")
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        body.resize(n, 0);
+        r.read_exact(&mut body).ok()?;
+    } else {
+        r.read_to_end(&mut body).ok()?;
+    }
+    Some(Response {
+        status,
+        headers,
+        body,
+    })
 }
 
 /// One request on a fresh connection.
@@ -934,4 +939,160 @@ pub fn background_load(
         }
     });
     (h, ok, failed)
+}
+
+/// How a test client certificate deviates from a good X.509-SVID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CertCase {
+    Good,
+    Expired,
+    NotYetValid,
+    OtherCa,
+    OtherTrustDomain,
+    TwoUriSans,
+    CaTrue,
+}
+
+/// A client certificate for `spiffe_id` (e.g. `spiffe://cluster.local/ns/prod/sa/order`), signed
+/// by the control plane's active root (or by a fresh CA for `OtherCa`), shaped as `case` says.
+pub fn client_cert(
+    control: &Control,
+    spiffe_id: &str,
+    case: CertCase,
+) -> (
+    Vec<rustls::pki_types::CertificateDer<'static>>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+        KeyUsagePurpose, SanType,
+    };
+    let dir = control.data_dir.join("ca");
+    let active = std::fs::read_to_string(dir.join("active")).unwrap();
+    let active = active.trim();
+    let (ca_pem, ca_key) = if case == CertCase::OtherCa {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::default();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        (p.self_signed(&key).unwrap().pem(), key)
+    } else {
+        (
+            std::fs::read_to_string(dir.join(format!("{active}.crt.pem"))).unwrap(),
+            KeyPair::from_pem(
+                &std::fs::read_to_string(dir.join(format!("{active}.key.pem"))).unwrap(),
+            )
+            .unwrap(),
+        )
+    };
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::default();
+    let id = if case == CertCase::OtherTrustDomain {
+        spiffe_id.replacen("cluster.local", "other.example", 1)
+    } else {
+        spiffe_id.to_string()
+    };
+    p.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
+    if case == CertCase::TwoUriSans {
+        p.subject_alt_names.push(SanType::URI(
+            "spiffe://cluster.local/ns/prod/sa/admin"
+                .try_into()
+                .unwrap(),
+        ));
+    }
+    p.is_ca = if case == CertCase::CaTrue {
+        IsCa::Ca(BasicConstraints::Unconstrained)
+    } else {
+        IsCa::ExplicitNoCa
+    };
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let now = time::OffsetDateTime::now_utc();
+    let hour = time::Duration::hours(1);
+    (p.not_before, p.not_after) = match case {
+        CertCase::Expired => (now - hour * 3, now - hour),
+        CertCase::NotYetValid => (now + hour, now + hour * 3),
+        _ => (now - hour, now + hour),
+    };
+    let cert = p.signed_by(&key, &issuer).unwrap();
+    (
+        vec![cert.der().clone()],
+        rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+    )
+}
+
+/// The control plane's trust bundle (every root it trusts), DER.
+pub fn trust_bundle(control: &Control) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    let dir = control.data_dir.join("ca");
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.to_string_lossy().ends_with(".crt.pem") {
+            let pem = std::fs::read_to_string(&p).unwrap();
+            let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+            out.push(pem_der(&b64).into());
+        }
+    }
+    out
+}
+
+fn pem_der(b64: &str) -> Vec<u8> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap()
+}
+
+/// One request over TLS to `addr` (an inbound sidecar port). The server's SVID is verified
+/// against `bundle` (chain and SVID shape; no name). `client`: the certificate to present.
+/// Err: the handshake or the exchange failed, with the reason.
+pub fn tls_request(
+    addr: SocketAddr,
+    bundle: &[rustls::pki_types::CertificateDer<'static>],
+    client: Option<(
+        Vec<rustls::pki_types::CertificateDer<'static>>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    )>,
+    raw: &[u8],
+) -> Result<Response, String> {
+    let provider = weft_api::crypto_provider();
+    let verifier = weft_api::svid::SvidServerVerifier::new(
+        bundle,
+        "cluster.local",
+        Vec::new(),
+        provider.clone(),
+    )
+    .unwrap();
+    let b = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier));
+    let config = match client {
+        Some((chain, key)) => b.with_client_auth_cert(chain, key).unwrap(),
+        None => b.with_no_client_auth(),
+    };
+    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+    let conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let tcp = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    tls.write_all(raw).map_err(|e| format!("write: {e}"))?;
+    tls.flush().map_err(|e| format!("flush: {e}"))?;
+    let mut r = BufReader::new(tls);
+    match read_response(&mut r) {
+        Some(resp) => Ok(resp),
+        None => {
+            // the alert, if any, is what the read failed with
+            let mut b = [0u8; 1];
+            Err(match r.get_mut().read(&mut b) {
+                Err(e) => e.to_string(),
+                Ok(_) => "connection closed without a response".into(),
+            })
+        }
+    }
 }
