@@ -32,6 +32,8 @@ pub fn bin(name: &str) -> PathBuf {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
             .current_dir(root())
+            // one build of every binary: separate builds of subsets resolve features
+            // differently and rebuild each other's dependencies on every test run
             .args([
                 "build",
                 "-q",
@@ -39,6 +41,8 @@ pub fn bin(name: &str) -> PathBuf {
                 "weft-dataplane",
                 "-p",
                 "weft-bench",
+                "-p",
+                "weft-controlplane",
                 "--bins",
             ])
             .status()
@@ -619,16 +623,6 @@ pub fn http_config(listen: u16, endpoints: &[SocketAddr], limits: &str) -> Strin
 
 /// Builds the control plane too (first use).
 pub fn control_bin() -> PathBuf {
-    static CP: Once = Once::new();
-    CP.call_once(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .current_dir(root())
-            .args(["build", "-q", "-p", "weft-controlplane", "--bins"])
-            .status()
-            .expect("run cargo build");
-        assert!(status.success(), "cargo build of weft-control failed");
-    });
     bin("weft-control")
 }
 
