@@ -28,6 +28,8 @@ use weft_api::svid::{SvidClientVerifier, SvidServerVerifier};
 
 /// Sessions kept per config per core (client and server side alike).
 const SESSION_CACHE: usize = 4096;
+/// PERMISSIVE: how long to wait for a client's first byte before taking it for plaintext.
+const DETECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// The first byte of a TLS handshake record.
 const TLS_HANDSHAKE: u8 = 0x16;
 
@@ -213,13 +215,18 @@ pub async fn accept(
         (_, tls) => {
             // PERMISSIVE (and UNSET, which means PERMISSIVE): TLS if the first byte says so
             let mut first = [0u8; 1];
-            let n = crate::io::deadline(timeout, async {
+            let peeked = crate::io::deadline(timeout.min(DETECT_TIMEOUT), async {
                 tcp.peek(&mut first)
                     .await
                     .map_err(|e| crate::io::IoError::Io(e.into()))
             })
-            .await
-            .map_err(|e| failed("io", e.to_string()))?;
+            .await;
+            // a client that sends nothing first (a server-speaks-first protocol) is plaintext
+            let n = match peeked {
+                Ok(n) => n,
+                Err(crate::io::IoError::Timeout) => 0,
+                Err(e) => return Err(failed("io", e.to_string())),
+            };
             match tls {
                 Some(t) if n == 1 && first[0] == TLS_HANDSHAKE => &t.permissive,
                 _ => return Ok(plain(tcp)),

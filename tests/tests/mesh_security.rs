@@ -489,3 +489,57 @@ fn interop_weft_outbound_calls_nginx_that_verifies_client_certificates() {
         1.0
     );
 }
+
+#[test]
+fn a_tcp_port_closes_connections_the_policy_denies() {
+    let w = workloads();
+    let ledger_port = free_port();
+    let extra = format!(
+        "{}---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: ledger, namespace: prod}}\n\
+         spec:\n  hosts: [ledger.prod.svc.cluster.local]\n  ports: [{{number: 5432, name: tcp, protocol: TCP}}]\n  workloadSelector: {{labels: {{app: ledger}}}}\n\
+         ---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: ledger-1, namespace: prod}}\n\
+         spec:\n  address: 127.0.0.1\n  ports: {{tcp: {ledger_port}}}\n  labels: {{app: ledger}}\n  serviceAccount: ledger\n\
+         ---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: ledger-allow-order, namespace: prod}}\n\
+         spec: {{selector: {{matchLabels: {{app: ledger}}}}, rules: [{{from: [{{source: {{principals: [cluster.local/ns/prod/sa/order]}}}}]}}]}}\n",
+        strict()
+    );
+    let control = Control::start(&mesh_yaml("1h", &w, &extra));
+    // the app speaks HTTP, which a TCP port carries as bytes
+    let app = xfcc_app();
+    let ledger = Sidecar::start(&control, "prod/ledger-1", ledger_port, app.addr, 1);
+    let dump = ledger.proxy.config_dump();
+    assert!(
+        dump["snapshot"]["listeners"][0].get("tcp").is_some(),
+        "inbound is a TCP listener: {}",
+        dump["snapshot"]["listeners"][0]
+    );
+    let bundle = trust_bundle(&control);
+    let raw = get("ledger", "/");
+    let r = tls_request(
+        ledger.inbound,
+        &bundle,
+        Some(client_cert(&control, ORDER, CertCase::Good)),
+        &raw,
+    )
+    .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "none", "a TCP port adds no header");
+    tls_request(
+        ledger.inbound,
+        &bundle,
+        Some(client_cert(
+            &control,
+            "spiffe://cluster.local/ns/prod/sa/other",
+            CertCase::Good,
+        )),
+        &raw,
+    )
+    .expect_err("prod/other is denied: the connection is closed");
+    assert_eq!(app.requests().len(), 1);
+    assert_eq!(
+        ledger
+            .proxy
+            .metric("weft_authz_decisions_total{policy=\"\",decision=\"deny\"}"),
+        1.0
+    );
+}
