@@ -74,6 +74,8 @@ pub struct Tables {
     pub tcp: HashMap<String, Rc<ClusterState>>,
     /// The workload's AuthorizationPolicies, compiled for this core (inbound listeners only).
     pub authz: Compiled,
+    /// The same, as they apply to plain TCP connections (`Policy::for_tcp`).
+    pub authz_tcp: Compiled,
 }
 
 impl Tables {
@@ -113,6 +115,12 @@ impl Tables {
             http,
             tcp,
             authz: Compiled::new(&s.authz),
+            authz_tcp: Compiled::new(
+                &s.authz
+                    .iter()
+                    .map(weft_api::authz::Policy::for_tcp)
+                    .collect::<Vec<_>>(),
+            ),
         }
     }
 }
@@ -160,6 +168,7 @@ impl Core {
                 http: HashMap::new(),
                 tcp: HashMap::new(),
                 authz: Compiled::new(&[]),
+                authz_tcp: Compiled::new(&[]),
             })),
             listeners: RefCell::new(HashMap::new()),
             pool: Pool::default(),

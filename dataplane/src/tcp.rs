@@ -18,9 +18,9 @@ use crate::tls::{Accepted, Stream};
 pub async fn serve(core: &Rc<Core>, ctx: &Rc<ListenerCtx>, conn: Accepted) {
     let tables = core.tables();
     let stream = conn.stream;
-    if ctx.mtls.is_some() && !tables.authz.is_empty() {
-        // a sidecar's inbound TCP port: the policy sees the caller and the port only (an ALLOW
-        // rule naming HTTP attributes never matches a TCP connection)
+    if ctx.mtls.is_some() && !tables.authz_tcp.is_empty() {
+        // a sidecar's inbound TCP port: the policies as they apply to TCP (HTTP-only attributes
+        // drop an ALLOW rule and are ignored in a DENY rule)
         let caller = conn.peer.as_deref();
         let r = weft_api::authz::Request {
             principal: caller.map(|p| p.principal.as_str()),
@@ -35,7 +35,7 @@ pub async fn serve(core: &Rc<Core>, ctx: &Rc<ListenerCtx>, conn: Accepted) {
             path: "",
             header: &|_| None,
         };
-        let d = tables.authz.decide(&r);
+        let d = tables.authz_tcp.decide(&r);
         core.metrics.authz(&d);
         if !d.allowed {
             debug!(core = core.id, listener = %ctx.name, "RBAC: access denied; closing");

@@ -396,6 +396,71 @@ impl Policy {
     }
 }
 
+impl Operation {
+    fn has_http_fields(&self) -> bool {
+        !(self.hosts.is_empty()
+            && self.not_hosts.is_empty()
+            && self.methods.is_empty()
+            && self.not_methods.is_empty()
+            && self.paths.is_empty()
+            && self.not_paths.is_empty())
+    }
+}
+
+impl Rule {
+    fn has_http_fields(&self) -> bool {
+        self.to.iter().any(Operation::has_http_fields)
+            || self
+                .when
+                .iter()
+                .any(|c| matches!(c.key, ConditionKey::RequestHeader(_)))
+    }
+}
+
+impl Policy {
+    /// The policy as it applies to a plain TCP connection, Istio's way. HTTP-only attributes
+    /// (hosts, methods, paths, request headers) cannot be known there: a rule of an ALLOW or
+    /// AUDIT policy that names one never matches, so it is dropped (an ALLOW policy left without
+    /// rules denies every connection); in a DENY policy they are ignored, so the rule matches
+    /// more connections, never fewer.
+    pub fn for_tcp(&self) -> Policy {
+        let rules = match self.action {
+            Action::Deny => self
+                .rules
+                .iter()
+                .map(|r| Rule {
+                    from: r.from.clone(),
+                    to: r
+                        .to
+                        .iter()
+                        .map(|o| Operation {
+                            ports: o.ports.clone(),
+                            not_ports: o.not_ports.clone(),
+                            ..Operation::default()
+                        })
+                        .collect(),
+                    when: r
+                        .when
+                        .iter()
+                        .filter(|c| !matches!(c.key, ConditionKey::RequestHeader(_)))
+                        .cloned()
+                        .collect(),
+                })
+                .collect(),
+            Action::Allow | Action::Audit => self
+                .rules
+                .iter()
+                .filter(|r| !r.has_http_fields())
+                .cloned()
+                .collect(),
+        };
+        Policy {
+            rules,
+            ..self.clone()
+        }
+    }
+}
+
 /// What a request looks like to authorization. `principal` is the verified peer identity in
 /// Istio's form (`cluster.local/ns/prod/sa/order`), None without mTLS.
 pub struct Request<'a> {
@@ -637,6 +702,38 @@ mod tests {
 
     const ORDER: &str = "cluster.local/ns/prod/sa/order";
     const OTHER: &str = "cluster.local/ns/prod/sa/other";
+
+    #[test]
+    fn on_tcp_http_fields_drop_allow_rules_and_widen_deny_rules() {
+        let none = |_: &str| None;
+        let tcp = |principal| Request {
+            method: "",
+            path: "",
+            host: "",
+            ..req(principal, "", "", &none)
+        };
+        // ALLOW: the rule naming a path is dropped; the one on identity alone stays
+        let allow = policy(
+            r#"{"rules": [{"to": [{"operation": {"paths": ["/public/*"]}}]},
+                          {"from": [{"source": {"principals": ["cluster.local/ns/prod/sa/order"]}}]}]}"#,
+        )
+        .for_tcp();
+        assert_eq!(allow.rules.len(), 1);
+        assert!(evaluate(std::slice::from_ref(&allow), &tcp(Some(ORDER))).allowed);
+        assert!(!evaluate(std::slice::from_ref(&allow), &tcp(None)).allowed);
+        // an ALLOW policy of HTTP rules only denies every connection
+        let http_only = policy(r#"{"rules": [{"to": [{"operation": {"methods": ["GET"]}}]}]}"#);
+        assert!(!evaluate(&[http_only.for_tcp()], &tcp(Some(ORDER))).allowed);
+        // DENY: the path is ignored, so the rule denies the caller on any connection
+        let deny = policy(
+            r#"{"action": "DENY", "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/prod/sa/other"]}}],
+                                             "to": [{"operation": {"paths": ["/admin"], "ports": ["80"]}}],
+                                             "when": [{"key": "request.headers[x-debug]", "values": ["1"]}]}]}"#,
+        )
+        .for_tcp();
+        assert!(!evaluate(std::slice::from_ref(&deny), &tcp(Some(OTHER))).allowed);
+        assert!(evaluate(std::slice::from_ref(&deny), &tcp(Some(ORDER))).allowed);
+    }
 
     #[test]
     fn only_order_may_call_checkout() {
