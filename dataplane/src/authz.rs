@@ -30,6 +30,8 @@ struct Indexed {
 pub struct Compiled {
     policies: Vec<Indexed>,
     cacheable: bool,
+    /// Request headers some rule reads (`when: request.headers[...]`), lowercase.
+    headers: Vec<String>,
     /// hash of the key → entries with that hash (collisions are compared field by field).
     cache: RefCell<HashMap<u64, Vec<(CacheKey, Decision)>>>,
 }
@@ -92,11 +94,28 @@ impl Compiled {
                 }
             })
             .collect();
+        let mut headers: Vec<String> = policies
+            .iter()
+            .flat_map(|p| &p.rules)
+            .flat_map(|r| &r.when)
+            .filter_map(|c| match &c.key {
+                ConditionKey::RequestHeader(h) => Some(h.to_ascii_lowercase()),
+                _ => None,
+            })
+            .collect();
+        headers.sort();
+        headers.dedup();
         Compiled {
             policies: indexed,
             cacheable,
+            headers,
             cache: RefCell::new(HashMap::new()),
         }
+    }
+
+    /// The request headers the rules read (lowercase), to be gathered for `Request::header`.
+    pub fn header_names(&self) -> &[String] {
+        &self.headers
     }
 
     pub fn is_empty(&self) -> bool {

@@ -76,6 +76,15 @@ pub struct Tables {
     pub authz: Compiled,
     /// The same, as they apply to plain TCP connections (`Policy::for_tcp`).
     pub authz_tcp: Compiled,
+    /// The mTLS mode of each sidecar inbound listener, read at every accept and request.
+    pub modes: HashMap<String, Mode>,
+}
+
+impl Tables {
+    /// The mode a sidecar inbound listener enforces now (STRICT if it is gone).
+    pub fn mode(&self, listener: &str) -> Mode {
+        self.modes.get(listener).copied().unwrap_or(Mode::Strict)
+    }
 }
 
 impl Tables {
@@ -115,6 +124,11 @@ impl Tables {
             http,
             tcp,
             authz: Compiled::new(&s.authz),
+            modes: s
+                .listeners
+                .iter()
+                .filter_map(|l| Some((l.name.clone(), l.mtls?)))
+                .collect(),
             authz_tcp: Compiled::new(
                 &s.authz
                     .iter()
@@ -129,8 +143,8 @@ impl Tables {
 pub struct ListenerCtx {
     pub name: String,
     pub counters: Rc<ListenerCounters>,
-    /// Sidecar inbound: the mTLS mode (authorization and XFCC apply too).
-    pub mtls: Option<Mode>,
+    /// A sidecar inbound listener: mTLS per `Tables::mode`, authorization, XFCC.
+    pub inbound: bool,
     pub port: u16,
 }
 
@@ -169,6 +183,7 @@ impl Core {
                 tcp: HashMap::new(),
                 authz: Compiled::new(&[]),
                 authz_tcp: Compiled::new(&[]),
+                modes: HashMap::new(),
             })),
             listeners: RefCell::new(HashMap::new()),
             pool: Pool::default(),
@@ -270,7 +285,7 @@ impl Core {
         let ctx = Rc::new(ListenerCtx {
             name: spec.name.clone(),
             counters: self.metrics.listener(&spec.name),
-            mtls: spec.mtls,
+            inbound: spec.mtls.is_some(),
             port: spec.address.port(),
         });
         let core = self.clone();
@@ -323,13 +338,14 @@ impl Core {
     /// by reason and close the connection.
     async fn handshake(&self, ctx: &ListenerCtx, stream: TcpStream) -> Option<Accepted> {
         let _ = stream.set_nodelay(true);
-        let Some(mode) = ctx.mtls else {
+        if !ctx.inbound {
             return Some(Accepted {
                 stream: Stream::Plain(stream),
                 peer: None,
                 resumed: None,
             });
-        };
+        }
+        let mode = self.tables().mode(&ctx.name);
         let tls = self.tls();
         let timeout = self.tables().limits.header_read_timeout;
         let peer = stream.peer_addr().ok();
@@ -366,7 +382,9 @@ impl Core {
 }
 
 fn same_socket(a: &Listener, b: &Listener) -> bool {
-    a.address == b.address && a.kind.protocol() == b.kind.protocol()
+    a.address == b.address
+        && a.kind.protocol() == b.kind.protocol()
+        && a.mtls.is_some() == b.mtls.is_some()
 }
 
 /// The body of one core's executor: serve until drained.
@@ -388,7 +406,7 @@ pub async fn run(id: usize, rx: Receiver<CoreMsg>, events: mpsc::UnboundedSender
                     error: result.err(),
                 });
             }
-            Ok(CoreMsg::Tls(m)) => match CoreTls::build(&m) {
+            Ok(CoreMsg::Tls(m)) => match CoreTls::build(&m, core.random()) {
                 Ok(t) => {
                     debug!(core = id, spiffe_id = %m.spiffe_id, "tls configs rebuilt");
                     *core.tls.borrow_mut() = Some(Rc::new(t));

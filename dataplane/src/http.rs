@@ -24,6 +24,10 @@ pub const HOP_BY_HOP: &[&str] = &[
 
 /// Is this header hop-by-hop, given the tokens listed in the message's `Connection` headers?
 pub fn is_hop_by_hop(name: &[u8], connection_tokens: &[&[u8]]) -> bool {
+    // `Connection: host` must not strip the Host that routing and authorization saw
+    if name.eq_ignore_ascii_case(b"host") {
+        return false;
+    }
     HOP_BY_HOP
         .iter()
         .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))

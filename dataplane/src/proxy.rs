@@ -16,6 +16,7 @@ use crate::http::{self, BodyKind, ChunkedDecoder, ChunkedError, RequestHead, Res
 use crate::io::{deadline, BufConn, IoError};
 use crate::pool::Upstream;
 use crate::tls::{self, Accepted, Peer, Stream};
+use weft_api::peerauthn::Mode;
 
 /// The largest response head weft accepts from an upstream (bytes).
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
@@ -125,6 +126,40 @@ pub async fn serve(core: &Rc<Core>, ctx: &Rc<ListenerCtx>, conn: Accepted) {
     let peer = conn.stream.tcp().peer_addr().ok();
     let caller = conn.peer;
     let mut down = BufConn::new(conn.stream, core.tables().limits.buffer_bytes);
+    requests(core, ctx, &mut down, peer, caller.as_deref()).await;
+    finish(&mut down).await;
+}
+
+/// How long a closing connection may take to say goodbye (TLS close_notify, the peer's FIN).
+const LINGER: Duration = Duration::from_secs(1);
+/// Bytes read and dropped while lingering (an unread request body, a pipelined request).
+const LINGER_BYTES: usize = 256 * 1024;
+
+/// Closes the write side (TLS: close_notify first), then reads and drops what the client still
+/// sends until it closes too, within bounds: closing a socket with unread bytes makes the
+/// kernel send a reset, which can destroy the response the client has not read yet.
+async fn finish(down: &mut BufConn<Stream>) {
+    let _ = deadline(LINGER, async {
+        down.io.close().await.map_err(IoError::Io)?;
+        let mut dropped = 0;
+        while dropped < LINGER_BYTES {
+            dropped += down.fill(0).await?;
+            let n = down.buffered().len();
+            down.consume(n);
+        }
+        Ok(())
+    })
+    .await;
+}
+
+/// Serves requests in sequence until the connection must close.
+async fn requests(
+    core: &Rc<Core>,
+    ctx: &Rc<ListenerCtx>,
+    down: &mut BufConn<Stream>,
+    peer: Option<SocketAddr>,
+    caller: Option<&Peer>,
+) {
     let mut first = true;
     loop {
         if !first && down.buffered().is_empty() {
@@ -134,26 +169,28 @@ pub async fn serve(core: &Rc<Core>, ctx: &Rc<ListenerCtx>, conn: Accepted) {
             futures_lite::future::yield_now().await;
         }
         let tables = core.tables();
-        let head = match read_head(core, &tables, &mut down, first).await {
+        let head = match read_head(core, &tables, down, first).await {
             HeadRead::Head(h) => h,
             HeadRead::Closed => return,
             HeadRead::Reply(status, why) => {
                 ctx.counters.bad_request(status);
                 debug!(core = core.id, listener = %ctx.name, ?peer, status, "bad request: {why}");
-                reply(&mut down, ctx, status, &why, true).await;
+                reply(down, ctx, status, &why, true).await;
                 return;
             }
         };
         first = false;
         // the tables of now, not of when the wait for this request began: a snapshot applied
-        // while the connection was idle (routes, policies) governs the request
+        // while the connection was idle (routes, policies, the mTLS mode) governs the request
         let tables = core.tables();
+        if ctx.inbound && caller.is_none() && tables.mode(&ctx.name) == Mode::Strict {
+            // opened under PERMISSIVE without an identity; the port is STRICT now
+            debug!(core = core.id, listener = %ctx.name, ?peer, "mTLS is STRICT now: closing a connection without a verified identity");
+            return;
+        }
         let started = Instant::now();
-        let from = Downstream {
-            addr: peer,
-            caller: caller.as_deref(),
-        };
-        let keep = exchange(core, ctx, &tables, &mut down, &head, &from).await;
+        let from = Downstream { addr: peer, caller };
+        let keep = exchange(core, ctx, &tables, down, &head, &from).await;
         core.metrics.request_done(started.elapsed());
         if !keep {
             return;
@@ -250,7 +287,7 @@ async fn exchange(
     // a body left unread means the connection cannot carry another request
     let unread_body = |head: &RequestHead| head.body != BodyKind::None || !head.keep_alive;
     let mut target = None;
-    if ctx.mtls.is_some() {
+    if ctx.inbound {
         match inbound_checks(core, ctx, tables, head, from) {
             Ok(t) => target = t,
             Err((status, why)) => {
@@ -279,8 +316,8 @@ async fn exchange(
             let up = UpstreamHead {
                 target: target.as_deref().unwrap_or(head.target()),
                 from,
-                xfcc: match (ctx.mtls, from.caller) {
-                    (Some(_), Some(caller)) => core.tls().map(|t| tls::xfcc(&t.spiffe_id, caller)),
+                xfcc: match (ctx.inbound, from.caller) {
+                    (true, Some(caller)) => core.tls().map(|t| tls::xfcc(&t.spiffe_id, caller)),
                     _ => None,
                 },
             };
@@ -344,6 +381,10 @@ fn inbound_checks(
     from: &Downstream<'_>,
 ) -> Result<Option<String>, (u16, &'static str)> {
     let raw_path = head.path();
+    if raw_path == "*" {
+        // `OPTIONS *`: no path to normalize or to match (a `paths` rule never matches it)
+        return authorize(core, ctx, tables, head, from, "*").map(|()| None);
+    }
     let normalized = weft_api::authz::normalize_path(raw_path).map_err(|e| {
         (
             400,
@@ -353,14 +394,49 @@ fn inbound_checks(
                 }
                 weft_api::authz::PathError::BadEncoding => "invalid percent-encoding in path",
                 weft_api::authz::PathError::NotAbsolute => "path must start with /",
+                weft_api::authz::PathError::DotSegmentParameter => {
+                    "parameters on a dot segment in path"
+                }
             },
         )
     })?;
+    authorize(core, ctx, tables, head, from, &normalized)?;
+    if normalized == raw_path {
+        return Ok(None);
+    }
+    let query = &head.target()[raw_path.len()..];
+    Ok(Some(format!("{normalized}{query}")))
+}
+
+/// The workload's policies on one request; Err: 403.
+fn authorize(
+    core: &Core,
+    ctx: &ListenerCtx,
+    tables: &Tables,
+    head: &RequestHead,
+    from: &Downstream<'_>,
+    normalized: &str,
+) -> Result<(), (u16, &'static str)> {
     if !tables.authz.is_empty() {
+        // a header the policies read, as the app will see it: every value, comma-joined
+        let joined: Vec<(&str, String)> = tables
+            .authz
+            .header_names()
+            .iter()
+            .filter_map(|name| {
+                let values: Vec<&str> = head
+                    .headers()
+                    .filter(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+                    .filter_map(|(_, v)| std::str::from_utf8(http::trim(v)).ok())
+                    .collect();
+                (!values.is_empty()).then(|| (name.as_str(), values.join(",")))
+            })
+            .collect();
         let header = |name: &str| {
-            head.headers()
-                .find(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
-                .and_then(|(_, v)| std::str::from_utf8(http::trim(v)).ok())
+            joined
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str())
         };
         let r = weft_api::authz::Request {
             principal: from.caller.map(|p| p.principal.as_str()),
@@ -369,7 +445,7 @@ fn inbound_checks(
             host: head.host(),
             port: ctx.port,
             method: head.method(),
-            path: &normalized,
+            path: normalized,
             header: &header,
         };
         let d = tables.authz.decide(&r);
@@ -378,11 +454,7 @@ fn inbound_checks(
             return Err((403, "RBAC: access denied"));
         }
     }
-    if normalized == raw_path {
-        return Ok(None);
-    }
-    let query = &head.target()[raw_path.len()..];
-    Ok(Some(format!("{normalized}{query}")))
+    Ok(())
 }
 
 struct State {
@@ -546,11 +618,17 @@ pub async fn connect_upstream(
     }
 }
 
-/// Whether a pooled connection may serve `spec`: TLS to the identities it names, or plaintext.
-pub fn fits(stream: &Stream, spec: &crate::snapshot::Cluster) -> bool {
-    match stream.server_identity() {
-        Some(id) => spec.identities.iter().any(|a| a == id),
+/// Whether a pooled connection may serve `spec`: plaintext for a plain cluster; for a mesh
+/// service, mTLS made with this core's current certificate and bundle, to a server holding one
+/// of the service's identities, whose certificate has not expired since.
+pub fn fits(core: &Core, stream: &Stream, spec: &crate::snapshot::Cluster) -> bool {
+    match stream.server() {
         None => spec.identities.is_empty(),
+        Some(s) => {
+            spec.identities.contains(&s.spiffe_id)
+                && core.tls().is_some_and(|t| t.generation == s.generation)
+                && s.not_after > crate::control::now_secs()
+        }
     }
 }
 
@@ -640,7 +718,7 @@ async fn forward(
         let pooled = core
             .pool
             .take(endpoint, spec.idle_timeout)
-            .filter(|c| fits(&c.io, spec));
+            .filter(|c| fits(core, &c.io, spec));
         let reused = pooled.is_some();
         let mut up = match pooled {
             Some(c) => c,
@@ -734,7 +812,11 @@ async fn forward(
         Err(CopyError::Read) | Err(CopyError::Framing(_)) => return Err(ProxyError::UpstreamReset),
         Err(CopyError::Write) => return Err(ProxyError::DownstreamGone),
     }
-    if resp.keep_alive && resp.body != BodyKind::UntilClose && up.buffered().is_empty() {
+    if resp.keep_alive
+        && resp.body != BodyKind::UntilClose
+        && up.buffered().is_empty()
+        && fits(core, &up.io, spec)
+    {
         core.pool.put(endpoint, up, spec.max_idle_per_endpoint);
     }
     Ok(!close)

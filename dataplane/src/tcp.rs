@@ -18,7 +18,7 @@ use crate::tls::{Accepted, Stream};
 pub async fn serve(core: &Rc<Core>, ctx: &Rc<ListenerCtx>, conn: Accepted) {
     let tables = core.tables();
     let stream = conn.stream;
-    if ctx.mtls.is_some() && !tables.authz_tcp.is_empty() {
+    if ctx.inbound && !tables.authz_tcp.is_empty() {
         // a sidecar's inbound TCP port: the policies as they apply to TCP (HTTP-only attributes
         // drop an ALLOW rule and are ignored in a DENY rule)
         let caller = conn.peer.as_deref();

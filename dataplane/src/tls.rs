@@ -48,6 +48,9 @@ pub struct TlsMaterial {
 pub struct CoreTls {
     /// This workload's SPIFFE ID (the `By=` of x-forwarded-client-cert).
     pub spiffe_id: Rc<str>,
+    /// Which build of this core's configs this is: a pooled connection made under an older
+    /// certificate or bundle is never reused.
+    pub generation: u64,
     trust_domain: String,
     strict: TlsAcceptor,
     permissive: TlsAcceptor,
@@ -55,7 +58,7 @@ pub struct CoreTls {
 }
 
 impl CoreTls {
-    pub fn build(m: &TlsMaterial) -> Result<CoreTls, String> {
+    pub fn build(m: &TlsMaterial, generation: u64) -> Result<CoreTls, String> {
         let provider = weft_api::crypto_provider();
         let key = || PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(m.key_der.clone()));
         let server = |mandatory: bool| -> Result<Arc<ServerConfig>, String> {
@@ -88,6 +91,7 @@ impl CoreTls {
         client.resumption = Resumption::in_memory_sessions(SESSION_CACHE);
         Ok(CoreTls {
             spiffe_id: m.spiffe_id.as_str().into(),
+            generation,
             trust_domain: m.trust_domain.clone(),
             strict: TlsAcceptor::from(server(true)?),
             permissive: TlsAcceptor::from(server(false)?),
@@ -104,6 +108,8 @@ pub struct Peer {
     /// Istio's form for authorization: `cluster.local/ns/prod/sa/order`.
     pub principal: String,
     pub namespace: String,
+    /// The certificate's notAfter (Unix seconds).
+    pub not_after: i64,
 }
 
 /// A handshake that failed, with a reason from a small fixed set (a metric label).
@@ -179,6 +185,7 @@ fn peer_of(
             .to_string(),
         namespace: id.namespace.clone(),
         spiffe_id,
+        not_after,
     })
 }
 
@@ -297,16 +304,32 @@ pub async fn connect(
             ),
         ));
     }
-    let peer: Rc<str> = peer.spiffe_id.into();
-    Ok((Stream::Client(Box::new(s), peer), resumed))
+    let server = Rc::new(Server {
+        spiffe_id: peer.spiffe_id,
+        not_after: peer.not_after,
+        generation: tls.generation,
+    });
+    Ok((Stream::Client(Box::new(s), server), resumed))
 }
 
 /// A connection, plaintext or TLS, as the proxy reads and writes it.
 pub enum Stream {
     Plain(TcpStream),
     Server(Box<futures_rustls::server::TlsStream<TcpStream>>),
-    /// With the server's verified SPIFFE ID (checked again when a pooled connection is reused).
-    Client(Box<futures_rustls::client::TlsStream<TcpStream>>, Rc<str>),
+    /// With what was verified of the server (checked again when a pooled connection is reused).
+    Client(
+        Box<futures_rustls::client::TlsStream<TcpStream>>,
+        Rc<Server>,
+    ),
+}
+
+/// What an outbound handshake verified.
+#[derive(Debug)]
+pub struct Server {
+    pub spiffe_id: String,
+    pub not_after: i64,
+    /// `CoreTls::generation` of the configs it was made with.
+    pub generation: u64,
 }
 
 impl Stream {
@@ -318,10 +341,10 @@ impl Stream {
         }
     }
 
-    /// The verified identity of an upstream mTLS server.
-    pub fn server_identity(&self) -> Option<&str> {
+    /// What was verified of an upstream mTLS server.
+    pub fn server(&self) -> Option<&Server> {
         match self {
-            Stream::Client(_, id) => Some(id),
+            Stream::Client(_, s) => Some(s),
             _ => None,
         }
     }

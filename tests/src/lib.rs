@@ -945,6 +945,8 @@ pub enum CertCase {
     OtherTrustDomain,
     TwoUriSans,
     CaTrue,
+    /// Valid now, expiring in 3 seconds.
+    ShortLived,
 }
 
 /// A client certificate for `spiffe_id` (e.g. `spiffe://cluster.local/ns/prod/sa/order`), signed
@@ -1010,6 +1012,7 @@ pub fn client_cert(
     (p.not_before, p.not_after) = match case {
         CertCase::Expired => (now - hour * 3, now - hour),
         CertCase::NotYetValid => (now + hour, now + hour * 3),
+        CertCase::ShortLived => (now - hour, now + time::Duration::seconds(3)),
         _ => (now - hour, now + hour),
     };
     let cert = p.signed_by(&key, &issuer).unwrap();
@@ -1041,9 +1044,68 @@ fn pem_der(b64: &str) -> Vec<u8> {
         .unwrap()
 }
 
-/// One request over TLS to `addr` (an inbound sidecar port). The server's SVID is verified
-/// against `bundle` (chain and SVID shape; no name). `client`: the certificate to present.
-/// Err: the handshake or the exchange failed, with the reason.
+/// A TLS client with its own session cache (so a second connection can resume the first's
+/// session). The server's SVID is verified against `bundle` (chain and SVID shape; no name).
+/// `client`: the certificate to present.
+pub struct TlsClient {
+    config: Arc<rustls::ClientConfig>,
+}
+
+impl TlsClient {
+    pub fn new(
+        bundle: &[rustls::pki_types::CertificateDer<'static>],
+        client: Option<(
+            Vec<rustls::pki_types::CertificateDer<'static>>,
+            rustls::pki_types::PrivateKeyDer<'static>,
+        )>,
+    ) -> TlsClient {
+        let provider = weft_api::crypto_provider();
+        let verifier = weft_api::svid::SvidServerVerifier::new(
+            bundle,
+            "cluster.local",
+            Vec::new(),
+            provider.clone(),
+        )
+        .unwrap();
+        let b = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier));
+        let config = match client {
+            Some((chain, key)) => b.with_client_auth_cert(chain, key).unwrap(),
+            None => b.with_no_client_auth(),
+        };
+        TlsClient {
+            config: Arc::new(config),
+        }
+    }
+
+    /// One request on a new connection. Err: the handshake or the exchange failed, with why.
+    pub fn request(&self, addr: SocketAddr, raw: &[u8]) -> Result<Response, String> {
+        let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+        let conn = rustls::ClientConnection::new(self.config.clone(), name).unwrap();
+        let tcp = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        tls.write_all(raw).map_err(|e| format!("write: {e}"))?;
+        tls.flush().map_err(|e| format!("flush: {e}"))?;
+        let mut r = BufReader::new(tls);
+        match read_response(&mut r) {
+            Some(resp) => Ok(resp),
+            None => {
+                // the alert, if any, is what the read failed with
+                let mut b = [0u8; 1];
+                Err(match r.get_mut().read(&mut b) {
+                    Err(e) => e.to_string(),
+                    Ok(_) => "connection closed without a response".into(),
+                })
+            }
+        }
+    }
+}
+
+/// One request over TLS on a fresh client (no session to resume): see `TlsClient`.
 pub fn tls_request(
     addr: SocketAddr,
     bundle: &[rustls::pki_types::CertificateDer<'static>],
@@ -1053,40 +1115,5 @@ pub fn tls_request(
     )>,
     raw: &[u8],
 ) -> Result<Response, String> {
-    let provider = weft_api::crypto_provider();
-    let verifier = weft_api::svid::SvidServerVerifier::new(
-        bundle,
-        "cluster.local",
-        Vec::new(),
-        provider.clone(),
-    )
-    .unwrap();
-    let b = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier));
-    let config = match client {
-        Some((chain, key)) => b.with_client_auth_cert(chain, key).unwrap(),
-        None => b.with_no_client_auth(),
-    };
-    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-    let conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
-    let tcp = TcpStream::connect(addr).map_err(|e| e.to_string())?;
-    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut tls = rustls::StreamOwned::new(conn, tcp);
-    tls.write_all(raw).map_err(|e| format!("write: {e}"))?;
-    tls.flush().map_err(|e| format!("flush: {e}"))?;
-    let mut r = BufReader::new(tls);
-    match read_response(&mut r) {
-        Some(resp) => Ok(resp),
-        None => {
-            // the alert, if any, is what the read failed with
-            let mut b = [0u8; 1];
-            Err(match r.get_mut().read(&mut b) {
-                Err(e) => e.to_string(),
-                Ok(_) => "connection closed without a response".into(),
-            })
-        }
-    }
+    TlsClient::new(bundle, client).request(addr, raw)
 }

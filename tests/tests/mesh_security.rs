@@ -138,6 +138,23 @@ fn the_scene_plaintext_and_tls_denied_mtls_allowed_other_caller_forbidden() {
         1,
         "a denied request never reaches the app"
     );
+    // a denied request with a body still gets its 403 (not a reset), and the connection serves on
+    let mut c = Client::connect(other.outbound);
+    let body = vec![b'x'; 200_000];
+    c.send(
+        format!(
+            "POST /upload HTTP/1.1\r\nHost: {CHECKOUT_HOST}\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    c.send(&body);
+    let r = c.response().unwrap();
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert_eq!(r.text().trim(), "RBAC: access denied");
+    c.send(&get(CHECKOUT_HOST, "/"));
+    assert_eq!(c.response().unwrap().status, 403);
+
     let m = |name: &str| checkout.proxy.metric(name);
     assert_eq!(
         m("weft_authz_decisions_total{policy=\"prod/checkout-allow-order\",decision=\"allow\"}"),
@@ -145,17 +162,18 @@ fn the_scene_plaintext_and_tls_denied_mtls_allowed_other_caller_forbidden() {
     );
     assert_eq!(
         m("weft_authz_decisions_total{policy=\"\",decision=\"deny\"}"),
-        1.0
+        3.0
     );
     assert!(m("weft_tls_handshake_failures_total{side=\"inbound\",reason=\"not_tls\"}") >= 1.0);
     assert!(
         m("weft_tls_handshake_failures_total{side=\"inbound\",reason=\"no_client_certificate\"}")
             >= 1.0
     );
+    // order's connection, other's, and other's again after the refused body closed it
     assert_eq!(
         m("weft_tls_handshakes_total{side=\"inbound\",kind=\"full\"}")
             + m("weft_tls_handshakes_total{side=\"inbound\",kind=\"resumed\"}"),
-        2.0
+        3.0
     );
     assert_eq!(
         order
@@ -542,4 +560,102 @@ fn a_tcp_port_closes_connections_the_policy_denies() {
             .metric("weft_authz_decisions_total{policy=\"\",decision=\"deny\"}"),
         1.0
     );
+}
+
+#[test]
+fn a_resumed_session_never_outlives_a_bundle_change_or_the_peer_certificate() {
+    let w = workloads();
+    let control = Control::start(&mesh_yaml("1h", &w, strict()));
+    let app = xfcc_app();
+    let checkout = Sidecar::start(&control, "prod/checkout-1", w[0].inbound, app.addr, 1);
+    let raw = get(CHECKOUT_HOST, "/");
+    let handshakes = |kind: &str| {
+        checkout.proxy.metric(&format!(
+            "weft_tls_handshakes_total{{side=\"inbound\",kind=\"{kind}\"}}"
+        ))
+    };
+
+    // a second connection of the same client resumes the first one's session
+    let client = weft_tests::TlsClient::new(
+        &trust_bundle(&control),
+        Some(client_cert(&control, ORDER, CertCase::Good)),
+    );
+    assert_eq!(client.request(checkout.inbound, &raw).unwrap().status, 200);
+    assert_eq!(client.request(checkout.inbound, &raw).unwrap().status, 200);
+    assert_eq!((handshakes("full"), handshakes("resumed")), (1.0, 1.0));
+
+    // a new root joins the bundle: the sidecar's session caches start empty
+    let acked = |c: &Control| c.proxy("prod/checkout-1").unwrap()["acked_version"].as_u64();
+    let before = acked(&control);
+    control.rotate();
+    wait_for("the new bundle ACKed", Duration::from_secs(20), || {
+        (acked(&control) > before && checkout.certs()["trust_bundle"].as_array()?.len() == 2)
+            .then_some(())
+    });
+    assert_eq!(client.request(checkout.inbound, &raw).unwrap().status, 200);
+    assert_eq!(
+        (handshakes("full"), handshakes("resumed")),
+        (2.0, 1.0),
+        "no resumption across a bundle change"
+    );
+
+    // a session made with a certificate that has since expired is not resumed
+    let short = weft_tests::TlsClient::new(
+        &trust_bundle(&control),
+        Some(client_cert(&control, ORDER, CertCase::ShortLived)),
+    );
+    assert_eq!(short.request(checkout.inbound, &raw).unwrap().status, 200);
+    let expired = |reason: &str| {
+        checkout.proxy.metric(&format!(
+            "weft_tls_handshake_failures_total{{side=\"inbound\",reason=\"{reason}\"}}"
+        ))
+    };
+    // the certificate expires 3 s after it was made: resume until the sidecar refuses
+    wait_for(
+        "the resumed session refused",
+        Duration::from_secs(15),
+        || short.request(checkout.inbound, &raw).err(),
+    );
+    assert_eq!(expired("certificate_expired"), 1.0);
+    assert!(
+        handshakes("resumed") >= 2.0,
+        "the short-lived session was resumed before"
+    );
+}
+
+#[test]
+fn permissive_to_strict_closes_plaintext_connections_already_open() {
+    let w = workloads();
+    let base = mesh_yaml("1h", &w, permissive());
+    let control = Control::start(&base);
+    let app = xfcc_app();
+    let checkout = Sidecar::start(&control, "prod/checkout-1", w[0].inbound, app.addr, 1);
+    let mut plain = Client::connect(checkout.inbound);
+    plain.send(&get(CHECKOUT_HOST, "/"));
+    assert_eq!(plain.response().unwrap().status, 200);
+
+    control.write_manifests(&mesh_yaml("1h", &w, strict()));
+    wait_applied(&control, &checkout, "prod/checkout-1", |d| {
+        d.contains("\"mtls\":\"STRICT\"")
+    });
+    plain.send(&get(CHECKOUT_HOST, "/"));
+    assert!(
+        plain.response().is_none(),
+        "the open plaintext connection is closed"
+    );
+    let mut fresh = Client::connect(checkout.inbound);
+    fresh.send(&get(CHECKOUT_HOST, "/"));
+    assert!(
+        fresh.response().is_none(),
+        "a new plaintext connection is refused"
+    );
+    let r = tls_request(
+        checkout.inbound,
+        &trust_bundle(&control),
+        Some(client_cert(&control, ORDER, CertCase::Good)),
+        &get(CHECKOUT_HOST, "/"),
+    )
+    .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(app.requests().len(), 2);
 }

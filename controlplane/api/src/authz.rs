@@ -618,6 +618,8 @@ pub enum PathError {
     BadEncoding,
     #[error("path must start with /")]
     NotAbsolute,
+    #[error("parameters on a dot segment in path")]
+    DotSegmentParameter,
 }
 
 /// Normalizes a request path before authorization (the request forwarded must be this one):
@@ -628,34 +630,49 @@ pub fn normalize_path(raw: &str) -> Result<String, PathError> {
         return Err(PathError::NotAbsolute);
     }
     let bytes = raw.as_bytes();
-    let mut decoded = String::with_capacity(raw.len());
+    let mut decoded: Vec<u8> = Vec::with_capacity(raw.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = raw.get(i + 1..i + 3).ok_or(PathError::BadEncoding)?;
-            let v = u8::from_str_radix(hex, 16).map_err(|_| PathError::BadEncoding)?;
-            match v {
-                b'/' | b'\\' => return Err(PathError::EncodedSeparator),
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                    decoded.push(v as char)
+        match bytes[i] {
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3).ok_or(PathError::BadEncoding)?;
+                if !hex.iter().all(u8::is_ascii_hexdigit) {
+                    return Err(PathError::BadEncoding);
                 }
-                _ => {
-                    decoded.push('%');
-                    decoded.push_str(&hex.to_ascii_uppercase());
+                let nibble = |b: u8| (b as char).to_digit(16).unwrap_or(0) as u8;
+                let v = nibble(hex[0]) << 4 | nibble(hex[1]);
+                match v {
+                    b'/' | b'\\' => return Err(PathError::EncodedSeparator),
+                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                        decoded.push(v)
+                    }
+                    _ => {
+                        decoded.push(b'%');
+                        decoded.extend(hex.iter().map(u8::to_ascii_uppercase));
+                    }
                 }
+                i += 3;
             }
-            i += 3;
-        } else {
-            decoded.push(bytes[i] as char);
-            i += 1;
+            // some servers take a backslash for a slash: refused, like its encoded form
+            b'\\' => return Err(PathError::EncodedSeparator),
+            b => {
+                decoded.push(b);
+                i += 1;
+            }
         }
     }
+    // only unreserved ASCII was decoded, so the bytes are as valid UTF-8 as `raw`
+    let decoded = String::from_utf8(decoded).map_err(|_| PathError::BadEncoding)?;
     let mut out: Vec<&str> = Vec::new();
     for seg in decoded.split('/') {
         match seg {
             "" | "." => {}
             ".." => {
                 out.pop();
+            }
+            // `..;x` is `..` to servers that strip path parameters (Tomcat and friends)
+            s if s.starts_with(".;") || s.starts_with("..;") => {
+                return Err(PathError::DotSegmentParameter)
             }
             s => out.push(s),
         }
@@ -923,6 +940,12 @@ mod tests {
             ("/a%zz", Err(PathError::BadEncoding)),
             ("/a%2", Err(PathError::BadEncoding)),
             ("admin", Err(PathError::NotAbsolute)),
+            ("/a%+5", Err(PathError::BadEncoding)),
+            ("/public/..\\admin", Err(PathError::EncodedSeparator)),
+            ("/public/..;/admin", Err(PathError::DotSegmentParameter)),
+            ("/public/.;x/admin", Err(PathError::DotSegmentParameter)),
+            ("/a;b/c", Ok("/a;b/c")),
+            ("/caf\u{e9}/%2e/x", Ok("/caf\u{e9}/x")),
         ];
         for (raw, want) in cases {
             assert_eq!(

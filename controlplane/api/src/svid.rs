@@ -27,13 +27,17 @@ pub fn check_shape(der: &[u8], trust_domain: &str) -> Result<SpiffeId, String> {
     {
         return Err("an SVID leaf must not be a CA".into());
     }
-    if let Some(ku) = x.key_usage().ok().flatten() {
-        if !ku.value.digital_signature() {
-            return Err("an SVID leaf needs the digitalSignature key usage".into());
-        }
-        if ku.value.key_cert_sign() || ku.value.crl_sign() {
-            return Err("an SVID leaf must not sign certificates or CRLs".into());
-        }
+    // X509-SVID §4.3: a leaf sets digitalSignature and neither keyCertSign nor cRLSign
+    let ku = x
+        .key_usage()
+        .ok()
+        .flatten()
+        .ok_or("an SVID leaf needs a key usage extension with digitalSignature")?;
+    if !ku.value.digital_signature() {
+        return Err("an SVID leaf needs the digitalSignature key usage".into());
+    }
+    if ku.value.key_cert_sign() || ku.value.crl_sign() {
+        return Err("an SVID leaf must not sign certificates or CRLs".into());
     }
     let (id, _) = crate::identity::spiffe_of(der)?;
     if id.trust_domain != trust_domain {
