@@ -96,7 +96,7 @@ for w in client-1 sink-1; do
   $B/weft-control mint "bench/$w" --data-dir "$D/data" --out "$D/$w" >/dev/null
   cat "$D/$w/svid.pem" "$D/$w/key.pem" >"$D/$w/combined.pem"
 done
-cat >"$D/haproxy-a.cfg" <<EOF
+haproxy_head() { cat <<EOF
 global
     nbthread 1
     maxconn 4096
@@ -106,6 +106,9 @@ defaults
     timeout connect 5s
     timeout client 60s
     timeout server 15s
+EOF
+}
+{ haproxy_head; cat <<EOF
 frontend a
     bind 127.0.0.1:17401
     default_backend b
@@ -113,16 +116,8 @@ backend b
     http-reuse always
     server b1 127.0.0.1:17402 ssl crt $D/client-1/combined.pem ca-file $D/client-1/bundle.pem verify required ssl-min-ver TLSv1.3
 EOF
-cat >"$D/haproxy-b.cfg" <<EOF
-global
-    nbthread 1
-    maxconn 4096
-defaults
-    mode http
-    option http-keep-alive
-    timeout connect 5s
-    timeout client 60s
-    timeout server 15s
+} >"$D/haproxy-a.cfg"
+{ haproxy_head; cat <<EOF
 frontend b
     bind 127.0.0.1:17402 ssl crt $D/sink-1/combined.pem ca-file $D/sink-1/bundle.pem verify required ssl-min-ver TLSv1.3
     default_backend app
@@ -130,6 +125,7 @@ backend app
     http-reuse always
     server app1 127.0.0.1:18090
 EOF
+} >"$D/haproxy-b.cfg"
 nginx_conf() { # name, server block
   mkdir -p "$D/nginx-$1"
   cat >"$D/nginx-$1/nginx.conf" <<EOF

@@ -154,6 +154,22 @@ fn classify(e: &io::Error) -> HandshakeError {
     failed(reason, tls.to_string())
 }
 
+/// A handshake bounded by `timeout`, its failure classified.
+async fn within<T>(
+    timeout: Duration,
+    handshake: impl std::future::Future<Output = io::Result<T>>,
+) -> Result<T, HandshakeError> {
+    match crate::io::deadline(timeout, async {
+        handshake.await.map_err(crate::io::IoError::Io)
+    })
+    .await
+    {
+        Ok(s) => Ok(s),
+        Err(crate::io::IoError::Io(e)) => Err(classify(&e)),
+        Err(e) => Err(failed("timeout", e.to_string())),
+    }
+}
+
 /// Identity and freshness of the peer leaf, checked after every handshake (full or resumed).
 fn peer_of(
     certs: Option<&[CertificateDer<'_>]>,
@@ -241,12 +257,7 @@ pub async fn accept(
         }
     };
     let tls = tls.ok_or_else(|| failed("no_workload_certificate", "no certificate"))?;
-    let handshake = async { acceptor.accept(tcp).await.map_err(crate::io::IoError::Io) };
-    let s = match crate::io::deadline(timeout, handshake).await {
-        Ok(s) => s,
-        Err(crate::io::IoError::Io(e)) => return Err(classify(&e)),
-        Err(e) => return Err(failed("timeout", e.to_string())),
-    };
+    let s = within(timeout, acceptor.accept(tcp)).await?;
     let conn = s.get_ref().1;
     let resumed = conn.handshake_kind() == Some(HandshakeKind::Resumed);
     // a client may present no certificate in PERMISSIVE mode: TLS, but no identity
@@ -280,17 +291,7 @@ pub async fn connect(
     allowed: &[String],
     timeout: Duration,
 ) -> Result<(Stream, bool), HandshakeError> {
-    let handshake = async {
-        tls.client
-            .connect(cache_name(endpoint), tcp)
-            .await
-            .map_err(crate::io::IoError::Io)
-    };
-    let s = match crate::io::deadline(timeout, handshake).await {
-        Ok(s) => s,
-        Err(crate::io::IoError::Io(e)) => return Err(classify(&e)),
-        Err(e) => return Err(failed("timeout", e.to_string())),
-    };
+    let s = within(timeout, tls.client.connect(cache_name(endpoint), tcp)).await?;
     let conn = s.get_ref().1;
     let resumed = conn.handshake_kind() == Some(HandshakeKind::Resumed);
     let peer = peer_of(conn.peer_certificates(), &tls.trust_domain)?;

@@ -793,6 +793,19 @@ pub struct Wl {
     pub inbound: u16,
 }
 
+impl Wl {
+    /// A workload of namespace `prod` whose app label and service account are `sa`, with its
+    /// sidecar's inbound port on a free port.
+    pub fn new(name: &'static str, sa: &'static str) -> Wl {
+        Wl {
+            name,
+            sa,
+            app: sa,
+            inbound: free_port(),
+        }
+    }
+}
+
 /// A mesh with services `checkout` and `order` in `prod`, and the given workloads.
 pub fn mesh_yaml(cert_ttl: &str, workloads: &[Wl], extra: &str) -> String {
     let mut y = format!(

@@ -71,18 +71,8 @@ fn uris(der: &[u8]) -> Vec<String> {
 
 fn workloads() -> Vec<Wl> {
     vec![
-        Wl {
-            name: "order-1",
-            sa: "order",
-            app: "order",
-            inbound: free_port(),
-        },
-        Wl {
-            name: "checkout-1",
-            sa: "checkout",
-            app: "checkout",
-            inbound: free_port(),
-        },
+        Wl::new("order-1", "order"),
+        Wl::new("checkout-1", "checkout"),
     ]
 }
 

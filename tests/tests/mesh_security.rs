@@ -43,25 +43,20 @@ fn allow_order() -> String {
 /// The demo's three workloads on free ports.
 fn workloads() -> Vec<Wl> {
     vec![
-        Wl {
-            name: "checkout-1",
-            sa: "checkout",
-            app: "checkout",
-            inbound: free_port(),
-        },
-        Wl {
-            name: "order-1",
-            sa: "order",
-            app: "order",
-            inbound: free_port(),
-        },
-        Wl {
-            name: "other-1",
-            sa: "other",
-            app: "other",
-            inbound: free_port(),
-        },
+        Wl::new("checkout-1", "checkout"),
+        Wl::new("order-1", "order"),
+        Wl::new("other-1", "other"),
     ]
+}
+
+/// weft-control on the demo workloads plus `extra` manifests, an XFCC app, and checkout's
+/// sidecar in front of it.
+fn checkout_alone(extra: &str) -> (Vec<Wl>, Control, Origin, Sidecar) {
+    let w = workloads();
+    let control = Control::start(&mesh_yaml("1h", &w, extra));
+    let app = xfcc_app();
+    let checkout = Sidecar::start(&control, "prod/checkout-1", w[0].inbound, app.addr, 1);
+    (w, control, app, checkout)
 }
 
 /// An app that answers with the x-forwarded-client-cert it received ("none" without one).
@@ -185,10 +180,7 @@ fn the_scene_plaintext_and_tls_denied_mtls_allowed_other_caller_forbidden() {
 
 #[test]
 fn client_certificates_must_be_valid_svids_of_the_mesh() {
-    let w = workloads();
-    let control = Control::start(&mesh_yaml("1h", &w, strict()));
-    let app = xfcc_app();
-    let checkout = Sidecar::start(&control, "prod/checkout-1", w[0].inbound, app.addr, 1);
+    let (_, control, app, checkout) = checkout_alone(strict());
     let bundle = trust_bundle(&control);
     let call = |case| {
         tls_request(
@@ -564,10 +556,7 @@ fn a_tcp_port_closes_connections_the_policy_denies() {
 
 #[test]
 fn a_resumed_session_never_outlives_a_bundle_change_or_the_peer_certificate() {
-    let w = workloads();
-    let control = Control::start(&mesh_yaml("1h", &w, strict()));
-    let app = xfcc_app();
-    let checkout = Sidecar::start(&control, "prod/checkout-1", w[0].inbound, app.addr, 1);
+    let (_, control, _app, checkout) = checkout_alone(strict());
     let raw = get(CHECKOUT_HOST, "/");
     let handshakes = |kind: &str| {
         checkout.proxy.metric(&format!(
