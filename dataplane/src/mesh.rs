@@ -270,6 +270,35 @@ mod tests {
     }
 
     #[test]
+    fn inbound_mode_follows_peer_authentication_and_tcp_services_get_a_tcp_port() {
+        let mut snap = snap("TCP");
+        // the workload is checkout-1: its only service port is TCP
+        if let Some(w) = snap.workload.as_mut() {
+            w.name = "checkout-1".into();
+            w.labels.insert("app".into(), "checkout".into());
+        }
+        let pa = |name: &str, spec: &str| proto::SecurityPolicy {
+            kind: "PeerAuthentication".into(),
+            namespace: "prod".into(),
+            name: name.into(),
+            spec_json: spec.into(),
+        };
+        snap.security = vec![
+            pa("default", r#"{"mtls": {"mode": "STRICT"}}"#),
+            pa(
+                "checkout",
+                r#"{"selector": {"matchLabels": {"app": "checkout"}}, "portLevelMtls": {"16201": {"mode": "DISABLE"}}}"#,
+            ),
+        ];
+        let s = from_control(&snap, &sidecar(), "control").unwrap_or_else(|e| panic!("{e}"));
+        let inbound = &s.listeners[0];
+        assert!(matches!(inbound.kind, ListenerKind::Tcp { .. }));
+        // port-level on the workload's policy wins over the namespace-wide STRICT
+        assert_eq!(inbound.mtls, Some(weft_api::peerauthn::Mode::Disable));
+        assert_eq!(s.listeners[1].mtls, None, "outbound is plain");
+    }
+
+    #[test]
     fn unsupported_protocol_is_a_nack_reason() {
         let e = from_control(&snap("UDP"), &sidecar(), "control").expect_err("UDP");
         assert!(e.contains("protocol UDP is not supported"), "{e}");
