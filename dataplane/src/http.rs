@@ -24,8 +24,9 @@ pub const HOP_BY_HOP: &[&str] = &[
 
 /// Is this header hop-by-hop, given the tokens listed in the message's `Connection` headers?
 pub fn is_hop_by_hop(name: &[u8], connection_tokens: &[&[u8]]) -> bool {
-    // `Connection: host` must not strip the Host that routing and authorization saw
-    if name.eq_ignore_ascii_case(b"host") {
+    // `Connection: host` must not strip the Host that routing and authorization saw, nor
+    // `Connection: content-length` the framing of a message
+    if name.eq_ignore_ascii_case(b"host") || name.eq_ignore_ascii_case(b"content-length") {
         return false;
     }
     HOP_BY_HOP

@@ -143,9 +143,10 @@ async fn finish(down: &mut BufConn<Stream>) {
         down.io.close().await.map_err(IoError::Io)?;
         let mut dropped = 0;
         while dropped < LINGER_BYTES {
-            dropped += down.fill(0).await?;
+            // what is buffered (a whole buffer after a 431) goes first, so `fill` has room
             let n = down.buffered().len();
             down.consume(n);
+            dropped += down.fill(0).await?;
         }
         Ok(())
     })
@@ -186,6 +187,12 @@ async fn requests(
         if ctx.inbound && caller.is_none() && tables.mode(&ctx.name) == Mode::Strict {
             // opened under PERMISSIVE without an identity; the port is STRICT now
             debug!(core = core.id, listener = %ctx.name, ?peer, "mTLS is STRICT now: closing a connection without a verified identity");
+            return;
+        }
+        if caller.is_some_and(|c| c.not_after <= crate::control::now_secs()) {
+            // the identity was proven with a certificate that has expired since: the caller
+            // reconnects with its renewed one
+            debug!(core = core.id, listener = %ctx.name, ?peer, "the caller's certificate has expired: closing");
             return;
         }
         let started = Instant::now();
@@ -299,9 +306,14 @@ async fn exchange(
             }
         }
     }
-    let path = target
+    let path = match target
         .as_deref()
-        .map_or(head.path(), |t| t.split_once('?').map_or(t, |(p, _)| p));
+        .map_or(head.path(), |t| t.split_once('?').map_or(t, |(p, _)| p))
+    {
+        // `OPTIONS *` asks about the server as a whole: the routes for `/` answer it
+        "*" => "/",
+        p => p,
+    };
     let route = tables
         .http
         .get(&ctx.name)
@@ -418,20 +430,25 @@ fn authorize(
     normalized: &str,
 ) -> Result<(), (u16, &'static str)> {
     if !tables.authz.is_empty() {
-        // a header the policies read, as the app will see it: every value, comma-joined
-        let joined: Vec<(&str, String)> = tables
-            .authz
-            .header_names()
-            .iter()
-            .filter_map(|name| {
-                let values: Vec<&str> = head
-                    .headers()
-                    .filter(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
-                    .filter_map(|(_, v)| std::str::from_utf8(http::trim(v)).ok())
-                    .collect();
-                (!values.is_empty()).then(|| (name.as_str(), values.join(",")))
-            })
-            .collect();
+        // a header the policies read, as the app will see it: every value, comma-joined (a
+        // value that is not UTF-8 cannot be matched as the app reads it: 400)
+        let mut joined: Vec<(&str, String)> = Vec::new();
+        for name in tables.authz.header_names() {
+            let mut values: Vec<&str> = Vec::new();
+            for (_, v) in head
+                .headers()
+                .filter(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+            {
+                values.push(
+                    std::str::from_utf8(http::trim(v)).map_err(|_| {
+                        (400, "a header the authorization policy reads is not UTF-8")
+                    })?,
+                );
+            }
+            if !values.is_empty() {
+                joined.push((name.as_str(), values.join(",")));
+            }
+        }
         let header = |name: &str| {
             joined
                 .iter()

@@ -325,7 +325,13 @@ fn paths_are_normalized_before_authorization_and_deny_overrides_allow() {
     let r = status("/ok");
     assert_eq!(r.status, 200);
     assert_eq!(r.text(), "/ok");
-    assert_eq!(app.requests().len(), 2);
+    // `OPTIONS *` has no path: routed as `/`, matched by no `paths` rule
+    let mut c = Client::connect(order.outbound);
+    c.send(format!("OPTIONS * HTTP/1.1\r\nHost: {CHECKOUT_HOST}\r\n\r\n").as_bytes());
+    let r = c.response().unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.text(), "*");
+    assert_eq!(app.requests().len(), 3);
 }
 
 #[test]
