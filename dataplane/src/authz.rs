@@ -9,6 +9,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::rc::Rc;
 
 use weft_api::authz::{decide_by, ConditionKey, Decision, Pattern, Policy, Request};
 
@@ -17,6 +18,8 @@ const CACHE_ENTRIES: usize = 65_536;
 
 /// (caller, host, port, method, path).
 type CacheKey = (Option<String>, String, u16, String, String);
+/// A cached decision, shared with every request that hits it.
+type Cached = (CacheKey, Rc<Decision>);
 
 /// One policy, split so that its rules are reachable through the principal index.
 struct Indexed {
@@ -33,7 +36,7 @@ pub struct Compiled {
     /// Request headers some rule reads (`when: request.headers[...]`), lowercase.
     headers: Vec<String>,
     /// hash of the key → entries with that hash (collisions are compared field by field).
-    cache: RefCell<HashMap<u64, Vec<(CacheKey, Decision)>>>,
+    cache: RefCell<HashMap<u64, Vec<Cached>>>,
 }
 
 impl Compiled {
@@ -122,10 +125,10 @@ impl Compiled {
         self.policies.is_empty()
     }
 
-    /// The decision for `r`, from the cache when possible.
-    pub fn decide(&self, r: &Request<'_>) -> Decision {
+    /// The decision for `r`, from the cache when possible (a hit allocates nothing).
+    pub fn decide(&self, r: &Request<'_>) -> Rc<Decision> {
         if !self.cacheable {
-            return self.evaluate(r);
+            return Rc::new(self.evaluate(r));
         }
         // look up by a hash of the borrowed fields; allocate the owned key only on a miss
         let hash = {
@@ -149,7 +152,7 @@ impl Compiled {
         {
             return d.clone();
         }
-        let d = self.evaluate(r);
+        let d = Rc::new(self.evaluate(r));
         let mut cache = self.cache.borrow_mut();
         if cache.len() >= CACHE_ENTRIES {
             cache.clear();

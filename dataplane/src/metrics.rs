@@ -160,18 +160,20 @@ impl CoreMetrics {
     /// Counts an authorization decision under the policy that made it, and each AUDIT match.
     pub fn authz(&self, d: &weft_api::authz::Decision) {
         let mut m = self.authz.borrow_mut();
-        let name = d.policy.as_deref().unwrap_or("");
-        let slot = if d.allowed { 0 } else { 1 };
-        match m.get_mut(name) {
+        let mut count = |name: &str, slot: usize| match m.get_mut(name) {
             Some(v) => v[slot] += 1,
             None => {
                 let mut v = [0; 3];
                 v[slot] = 1;
                 m.insert(name.to_string(), v);
             }
-        }
+        };
+        count(
+            d.policy.as_deref().unwrap_or(""),
+            if d.allowed { 0 } else { 1 },
+        );
         for a in &d.audited {
-            m.entry(a.clone()).or_default()[2] += 1;
+            count(a, 2);
         }
     }
 

@@ -1,6 +1,7 @@
 //! The HTTP/1.1 reverse proxy: one task per downstream connection, requests in sequence
 //! (keep-alive, pipelining-safe), bodies streamed through bounded buffers in both directions.
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::io::ErrorKind;
 use std::net::{IpAddr, SocketAddr};
@@ -291,8 +292,6 @@ async fn exchange(
     from: &Downstream<'_>,
 ) -> bool {
     ctx.counters.add_in(head_len_estimate(head));
-    // a body left unread means the connection cannot carry another request
-    let unread_body = |head: &RequestHead| head.body != BodyKind::None || !head.keep_alive;
     let mut target = None;
     if ctx.inbound {
         match inbound_checks(core, ctx, tables, head, from) {
@@ -302,7 +301,9 @@ async fn exchange(
                     ctx.counters.bad_request(400);
                 }
                 debug!(core = core.id, listener = %ctx.name, method = head.method(), path = head.path(), status, "request refused: {why}");
-                return reply(down, ctx, status, why, unread_body(head)).await;
+                // a body left unread means the connection cannot carry another request
+                let close = head.body != BodyKind::None || !head.keep_alive;
+                return reply(down, ctx, status, &why, close).await;
             }
         }
     }
@@ -325,13 +326,15 @@ async fn exchange(
     let result = match route {
         None => Err(ProxyError::NoRoute),
         Some(cluster) => {
+            // the inbound sidecar says who called: By=<itself>;URI=<the verified caller>
+            let by = from.caller.filter(|_| ctx.inbound).and_then(|_| core.tls());
             let up = UpstreamHead {
                 target: target.as_deref().unwrap_or(head.target()),
                 from,
-                xfcc: match (ctx.inbound, from.caller) {
-                    (true, Some(caller)) => core.tls().map(|t| tls::xfcc(&t.spiffe_id, caller)),
-                    _ => None,
-                },
+                xfcc: by
+                    .as_ref()
+                    .zip(from.caller)
+                    .map(|(t, caller)| (&*t.spiffe_id, caller.spiffe_id.as_str())),
             };
             forward(core, ctx, tables, cluster, down, head, &up, &mut state).await
         }
@@ -379,8 +382,8 @@ struct UpstreamHead<'a> {
     /// The target to send: the normalized one on a sidecar's inbound listener.
     target: &'a str,
     from: &'a Downstream<'a>,
-    /// `x-forwarded-client-cert` to set (inbound, with a verified caller).
-    xfcc: Option<String>,
+    /// `x-forwarded-client-cert` to set (inbound, with a verified caller): (By, URI).
+    xfcc: Option<(&'a str, &'a str)>,
 }
 
 /// A sidecar inbound's checks before routing: path normalization, then authorization. Returns
@@ -391,33 +394,19 @@ fn inbound_checks(
     tables: &Tables,
     head: &RequestHead,
     from: &Downstream<'_>,
-) -> Result<Option<String>, (u16, &'static str)> {
+) -> Result<Option<String>, (u16, Cow<'static, str>)> {
     let raw_path = head.path();
     if raw_path == "*" {
         // `OPTIONS *`: no path to normalize or to match (a `paths` rule never matches it)
         return authorize(core, ctx, tables, head, from, "*").map(|()| None);
     }
-    let normalized = weft_api::authz::normalize_path(raw_path).map_err(|e| {
-        (
-            400,
-            match e {
-                weft_api::authz::PathError::EncodedSeparator => {
-                    "encoded slash or backslash in path"
-                }
-                weft_api::authz::PathError::BadEncoding => "invalid percent-encoding in path",
-                weft_api::authz::PathError::NotAbsolute => "path must start with /",
-                weft_api::authz::PathError::DotSegmentParameter => {
-                    "parameters on a dot segment in path"
-                }
-            },
-        )
-    })?;
+    let normalized =
+        weft_api::authz::normalize_path(raw_path).map_err(|e| (400, Cow::Owned(e.to_string())))?;
     authorize(core, ctx, tables, head, from, &normalized)?;
-    if normalized == raw_path {
-        return Ok(None);
+    match normalized {
+        Cow::Borrowed(_) => Ok(None),
+        Cow::Owned(n) => Ok(Some(format!("{n}{}", &head.target()[raw_path.len()..]))),
     }
-    let query = &head.target()[raw_path.len()..];
-    Ok(Some(format!("{normalized}{query}")))
 }
 
 /// The workload's policies on one request; Err: 403.
@@ -428,7 +417,7 @@ fn authorize(
     head: &RequestHead,
     from: &Downstream<'_>,
     normalized: &str,
-) -> Result<(), (u16, &'static str)> {
+) -> Result<(), (u16, Cow<'static, str>)> {
     if !tables.authz.is_empty() {
         // a header the policies read, as the app will see it: every value, comma-joined (a
         // value that is not UTF-8 cannot be matched as the app reads it: 400)
@@ -439,11 +428,12 @@ fn authorize(
                 .headers()
                 .filter(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
             {
-                values.push(
-                    std::str::from_utf8(http::trim(v)).map_err(|_| {
-                        (400, "a header the authorization policy reads is not UTF-8")
-                    })?,
-                );
+                values.push(std::str::from_utf8(http::trim(v)).map_err(|_| {
+                    (
+                        400,
+                        Cow::Borrowed("a header the authorization policy reads is not UTF-8"),
+                    )
+                })?);
             }
             if !values.is_empty() {
                 joined.push((name.as_str(), values.join(",")));
@@ -468,7 +458,7 @@ fn authorize(
         let d = tables.authz.decide(&r);
         core.metrics.authz(&d);
         if !d.allowed {
-            return Err((403, "RBAC: access denied"));
+            return Err((403, Cow::Borrowed("RBAC: access denied")));
         }
     }
     Ok(())
@@ -539,10 +529,12 @@ fn upstream_head(core: &Core, head: &RequestHead, up: &UpstreamHead<'_>) -> Vec<
         out.extend_from_slice(&v);
         out.extend_from_slice(b"\r\n");
     }
-    if let Some(v) = &up.xfcc {
-        out.extend_from_slice(b"x-forwarded-client-cert: ");
-        out.extend_from_slice(v.as_bytes());
-        out.extend_from_slice(b"\r\n");
+    if let Some((by, uri)) = up.xfcc {
+        // Envoy's format
+        let _ = write!(
+            StrBuf(&mut out),
+            "x-forwarded-client-cert: By={by};URI={uri}\r\n"
+        );
     }
     if !has_id {
         let (a, b) = (core.random(), core.random());

@@ -171,12 +171,9 @@ async fn within<T>(
 }
 
 /// Identity and freshness of the peer leaf, checked after every handshake (full or resumed).
-fn peer_of(
-    certs: Option<&[CertificateDer<'_>]>,
-    trust_domain: &str,
-) -> Result<Peer, HandshakeError> {
+fn peer_of(certs: &[CertificateDer<'_>], trust_domain: &str) -> Result<Peer, HandshakeError> {
     let leaf = certs
-        .and_then(|c| c.first())
+        .first()
         .ok_or_else(|| failed("no_client_certificate", "peer presented no certificate"))?;
     // the verifier checked the SVID's shape in the full handshake this session came from
     let (id, not_after) =
@@ -226,7 +223,7 @@ pub async fn accept(
         peer: None,
         resumed: None,
     };
-    let acceptor = match (mode, tls) {
+    let (tls, acceptor) = match (mode, tls) {
         (Mode::Disable, _) => return Ok(plain(tcp)),
         (Mode::Strict, None) => {
             return Err(failed(
@@ -234,7 +231,7 @@ pub async fn accept(
                 "STRICT mTLS, and this sidecar has no certificate yet",
             ))
         }
-        (Mode::Strict, Some(t)) => &t.strict,
+        (Mode::Strict, Some(t)) => (t, &t.strict),
         (_, tls) => {
             // PERMISSIVE (and UNSET, which means PERMISSIVE): TLS if the first byte says so
             let mut first = [0u8; 1];
@@ -251,19 +248,18 @@ pub async fn accept(
                 Err(e) => return Err(failed("io", e.to_string())),
             };
             match tls {
-                Some(t) if n == 1 && first[0] == TLS_HANDSHAKE => &t.permissive,
+                Some(t) if n == 1 && first[0] == TLS_HANDSHAKE => (t, &t.permissive),
                 _ => return Ok(plain(tcp)),
             }
         }
     };
-    let tls = tls.ok_or_else(|| failed("no_workload_certificate", "no certificate"))?;
     let s = within(timeout, acceptor.accept(tcp)).await?;
     let conn = s.get_ref().1;
     let resumed = conn.handshake_kind() == Some(HandshakeKind::Resumed);
     // a client may present no certificate in PERMISSIVE mode: TLS, but no identity
     let peer = match conn.peer_certificates() {
         None => None,
-        Some(certs) => Some(Rc::new(peer_of(Some(certs), &tls.trust_domain)?)),
+        Some(certs) => Some(Rc::new(peer_of(certs, &tls.trust_domain)?)),
     };
     Ok(Accepted {
         stream: Stream::Server(Box::new(s)),
@@ -294,7 +290,7 @@ pub async fn connect(
     let s = within(timeout, tls.client.connect(cache_name(endpoint), tcp)).await?;
     let conn = s.get_ref().1;
     let resumed = conn.handshake_kind() == Some(HandshakeKind::Resumed);
-    let peer = peer_of(conn.peer_certificates(), &tls.trust_domain)?;
+    let peer = peer_of(conn.peer_certificates().unwrap_or(&[]), &tls.trust_domain)?;
     if !allowed.contains(&peer.spiffe_id) {
         return Err(failed(
             "secure_naming",
@@ -393,9 +389,4 @@ impl AsyncWrite for Stream {
             Stream::Client(s, _) => Pin::new(s.as_mut()).poll_close(cx),
         }
     }
-}
-
-/// Envoy's `x-forwarded-client-cert` value for a verified caller, as the inbound sidecar sets it.
-pub fn xfcc(by: &str, peer: &Peer) -> String {
-    format!("By={by};URI={}", peer.spiffe_id)
 }

@@ -625,9 +625,13 @@ pub enum PathError {
 /// Normalizes a request path before authorization (the request forwarded must be this one):
 /// percent-decodes unreserved characters, rejects `%2F` and `%5C`, merges `//`, and resolves
 /// `.` and `..` segments (never above the root).
-pub fn normalize_path(raw: &str) -> Result<String, PathError> {
+/// A path that needs no change is returned as it is, without allocating.
+pub fn normalize_path(raw: &str) -> Result<std::borrow::Cow<'_, str>, PathError> {
     if !raw.starts_with('/') {
         return Err(PathError::NotAbsolute);
+    }
+    if is_normal(raw) {
+        return Ok(std::borrow::Cow::Borrowed(raw));
     }
     let bytes = raw.as_bytes();
     let mut decoded: Vec<u8> = Vec::with_capacity(raw.len());
@@ -682,7 +686,28 @@ pub fn normalize_path(raw: &str) -> Result<String, PathError> {
     if trailing && path != "/" {
         path.push('/');
     }
-    Ok(path)
+    Ok(std::borrow::Cow::Owned(path))
+}
+
+/// True when `normalize_path` would return `raw` unchanged: nothing encoded, no backslash, and
+/// no empty (but the last), `.`, `..` or dot-with-parameters segment.
+fn is_normal(raw: &str) -> bool {
+    if raw.bytes().any(|b| b == b'%' || b == b'\\') {
+        return false;
+    }
+    let mut segments = raw[1..].split('/').peekable();
+    while let Some(s) = segments.next() {
+        let last = segments.peek().is_none();
+        if (s.is_empty() && !last)
+            || s == "."
+            || s == ".."
+            || s.starts_with(".;")
+            || s.starts_with("..;")
+        {
+            return false;
+        }
+    }
+    true
 }
 
 #[cfg(test)]
@@ -953,6 +978,28 @@ mod tests {
                 want,
                 "{raw}"
             );
+        }
+    }
+
+    #[test]
+    fn a_normal_path_is_returned_without_a_copy() {
+        for raw in [
+            "/",
+            "/a",
+            "/a/b/",
+            "/a;b/c",
+            "/caf\u{e9}",
+            "/.well-known/x",
+            "/a..b",
+        ] {
+            assert!(
+                matches!(normalize_path(raw), Ok(std::borrow::Cow::Borrowed(p)) if p == raw),
+                "{raw}"
+            );
+        }
+        for raw in ["//a", "/a/./b", "/a/..", "/%41"] {
+            let n = normalize_path(raw);
+            assert!(matches!(n, Ok(std::borrow::Cow::Owned(_))), "{raw}: {n:?}");
         }
     }
 }
